@@ -1,0 +1,293 @@
+"""A minimal reverse-mode automatic differentiation engine.
+
+The whole engine is three ideas:
+
+1. A :class:`Tensor` wraps an array (NumPy, or CuPy on the GPU) and, once
+   :meth:`Tensor.backward` has run, the gradient of a scalar with respect to it.
+2. :func:`apply` runs one op. An op is a pair of stateless kernels looked up by
+   name in the kernel set that matches the arrays (``reference.ops`` for NumPy,
+   ``gpu.ops`` for CuPy)::
+
+       y, cache = <name>_forward(*inputs, **static)
+       grads    = <name>_backward(dy, cache)   # one entry per input, None where none
+
+   When any input requires a gradient, the result remembers a :class:`Node`:
+   the backward kernel, its cache and the input tensors. These nodes, linked
+   from output back to leaves, are the tape.
+3. :meth:`Tensor.backward` orders the tape so that every node comes after all
+   nodes that consume its output, walks it in that (reverse) order, calls each
+   backward kernel once with the summed upstream gradient, and adds the results
+   into ``.grad`` of the leaves (gradients accumulate across calls, as in
+   PyTorch; optimizers zero them).
+
+The engine never looks inside the arrays: everything array-specific happens in
+the kernels, so the same code drives both backends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, Callable, Iterator, NamedTuple
+
+__all__ = ["Tensor", "Node", "apply", "apply_with_cache", "no_grad", "is_grad_enabled", "as_array"]
+
+
+class _GradMode(threading.local):
+    enabled: bool = True
+
+
+_grad_mode = _GradMode()
+
+
+def is_grad_enabled() -> bool:
+    """Whether ops called now record themselves for :meth:`Tensor.backward`."""
+    return _grad_mode.enabled
+
+
+@contextlib.contextmanager
+def no_grad() -> Iterator[None]:
+    """Run ops without recording them (evaluation, optimizer updates)."""
+    previous = _grad_mode.enabled
+    _grad_mode.enabled = False
+    try:
+        yield
+    finally:
+        _grad_mode.enabled = previous
+
+
+class Node(NamedTuple):
+    """One recorded op: how to send a gradient from its output to its inputs."""
+
+    name: str
+    backward: Callable[..., tuple]
+    cache: Any
+    inputs: tuple  # Tensor for each input that needs a gradient, else None
+
+
+class Tensor:
+    """An array with an optional gradient and the op that produced it.
+
+    ``data`` is the array itself; ``grad`` is an array of the same shape once a
+    backward pass reached this tensor (leaves only; intermediate gradients are
+    freed as soon as they have been used).
+    """
+
+    __slots__ = ("data", "grad", "requires_grad", "node")
+    __array_priority__ = 1000  # make ``ndarray + Tensor`` defer to Tensor.__radd__
+
+    def __init__(self, data: Any, requires_grad: bool = False, node: Node | None = None):
+        if isinstance(data, Tensor):
+            raise TypeError("Tensor(data) expects an array, got a Tensor; use t.data or t.detach()")
+        if not hasattr(data, "shape") or not hasattr(data, "dtype"):
+            raise TypeError(f"Tensor(data) expects a NumPy or CuPy array, got {type(data).__name__}")
+        self.data = data
+        self.grad = None
+        self.requires_grad = bool(requires_grad)
+        self.node = node
+
+    # ------------------------------------------------------------------ views
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    @property
+    def size(self) -> int:
+        return int(self.data.size)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __repr__(self) -> str:
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        return f"Tensor(shape={self.shape}, dtype={self.dtype}{grad})"
+
+    def detach(self) -> Tensor:
+        """The same array, cut off from the graph."""
+        return Tensor(self.data)
+
+    def item(self) -> float:
+        return float(self.data.item())
+
+    def numpy(self):
+        """The data as a NumPy array (copied to the host if it lives on a GPU)."""
+        get = getattr(self.data, "get", None)
+        return get() if callable(get) else self.data
+
+    # --------------------------------------------------------------- backward
+    def backward(self, dy: Any = None) -> None:
+        """Accumulate d(self)/d(leaf) * dy into ``leaf.grad`` for every leaf.
+
+        ``dy`` defaults to 1 for a scalar; a non-scalar output needs an explicit
+        cotangent of its own shape.
+        """
+        if not self.requires_grad:
+            raise RuntimeError("backward() called on a tensor that does not require a gradient")
+        if dy is None:
+            if self.data.size != 1:
+                raise ValueError(
+                    f"backward() without an argument needs a scalar output, got shape {self.shape}"
+                )
+            dy = self.data * 0 + 1  # ones of the right type, shape and dtype
+        elif tuple(dy.shape) != self.shape:
+            raise ValueError(f"backward(dy): dy has shape {tuple(dy.shape)}, expected {self.shape}")
+
+        order = _topological_order(self)
+        grads: dict[int, Any] = {id(self): dy}
+        for tensor in order:  # outputs first, leaves last
+            g = grads.pop(id(tensor), None)
+            if g is None:
+                continue
+            if tensor.node is None:  # a leaf
+                tensor.grad = g if tensor.grad is None else tensor.grad + g
+                continue
+            input_grads = tensor.node.backward(g, tensor.node.cache)
+            if len(input_grads) != len(tensor.node.inputs):
+                raise RuntimeError(
+                    f"{tensor.node.name}_backward returned {len(input_grads)} gradients "
+                    f"for {len(tensor.node.inputs)} inputs"
+                )
+            for parent, g_in in zip(tensor.node.inputs, input_grads):
+                if parent is None or g_in is None:
+                    continue
+                key = id(parent)
+                grads[key] = g_in if key not in grads else grads[key] + g_in
+
+    # ------------------------------------------------------------- operators
+    # Thin sugar over the functional API, imported late to avoid a cycle.
+    def __add__(self, other):
+        from reference import functional as F
+
+        return F.add(self, other)
+
+    def __radd__(self, other):
+        from reference import functional as F
+
+        return F.add(other, self)
+
+    def __sub__(self, other):
+        from reference import functional as F
+
+        return F.sub(self, other)
+
+    def __rsub__(self, other):
+        from reference import functional as F
+
+        return F.sub(other, self)
+
+    def __mul__(self, other):
+        from reference import functional as F
+
+        return F.mul(self, other)
+
+    def __rmul__(self, other):
+        from reference import functional as F
+
+        return F.mul(other, self)
+
+    def __truediv__(self, other):
+        from reference import functional as F
+
+        return F.div(self, other)
+
+    def __rtruediv__(self, other):
+        from reference import functional as F
+
+        return F.div(other, self)
+
+    def __neg__(self):
+        from reference import functional as F
+
+        return F.mul(self, -1.0)
+
+    def __matmul__(self, other):
+        from reference import functional as F
+
+        return F.matmul(self, other)
+
+    def sum(self, axis=None, keepdims: bool = False):
+        from reference import functional as F
+
+        return F.sum(self, axis=axis, keepdims=keepdims)
+
+    def mean(self, axis=None, keepdims: bool = False):
+        from reference import functional as F
+
+        return F.mean(self, axis=axis, keepdims=keepdims)
+
+    def reshape(self, *shape):
+        from reference import functional as F
+
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        return F.reshape(self, shape)
+
+
+def _topological_order(root: Tensor) -> list[Tensor]:
+    """Tensors reachable from ``root``, each after every tensor that consumes it.
+
+    Iterative depth-first search (deep networks would overflow Python's
+    recursion limit), then reversed post-order.
+    """
+    order: list[Tensor] = []
+    visited: set[int] = set()
+    stack: list[tuple[Tensor, bool]] = [(root, False)]
+    while stack:
+        tensor, expanded = stack.pop()
+        if expanded:
+            order.append(tensor)
+            continue
+        if id(tensor) in visited:
+            continue
+        visited.add(id(tensor))
+        stack.append((tensor, True))
+        if tensor.node is not None:
+            for parent in tensor.node.inputs:
+                if parent is not None and id(parent) not in visited:
+                    stack.append((parent, False))
+    order.reverse()
+    return order
+
+
+def as_array(x: Any) -> Any:
+    """The array inside a Tensor, or ``x`` itself."""
+    return x.data if isinstance(x, Tensor) else x
+
+
+def apply(name: str, *inputs: Any, **static: Any) -> Tensor:
+    """Run op ``name`` on ``inputs`` and record it if a gradient is needed.
+
+    ``inputs`` are Tensors, arrays, Python scalars or None (an absent optional
+    input such as a bias). ``static`` holds non-differentiable settings
+    (stride, padding, training flag, ...). The kernel set is chosen from the
+    first array among the inputs.
+    """
+    return apply_with_cache(name, *inputs, **static)[0]
+
+
+def apply_with_cache(name: str, *inputs: Any, **static: Any) -> tuple[Tensor, Any]:
+    """:func:`apply`, also returning the forward kernel's cache.
+
+    For the few callers that need a by-product of the forward pass (batch norm
+    reads the batch statistics to update its running averages).
+    """
+    from reference.ops import kernels_for
+
+    arrays = tuple(as_array(x) for x in inputs)
+    kernels = kernels_for(next((a for a in arrays if hasattr(a, "shape")), None))
+    forward = getattr(kernels, f"{name}_forward")
+    y, cache = forward(*arrays, **static)
+    record = _grad_mode.enabled and any(isinstance(x, Tensor) and x.requires_grad for x in inputs)
+    if not record:
+        return Tensor(y), cache
+    parents = tuple(x if isinstance(x, Tensor) and x.requires_grad else None for x in inputs)
+    node = Node(name, getattr(kernels, f"{name}_backward"), cache, parents)
+    return Tensor(y, requires_grad=True, node=node), cache

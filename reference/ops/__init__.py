@@ -1,0 +1,63 @@
+"""The NumPy kernel set: stateless forward/backward pairs, one module per family.
+
+Every op ``name`` is two functions::
+
+    name_forward(*inputs, **static) -> (y, cache)
+    name_backward(dy, cache) -> (d<input0>, d<input1>, ...)   # None where no gradient
+
+``gpu.ops`` exports the same names with the same signatures for CuPy arrays;
+:func:`kernels_for` picks the set from an array's type, and
+:func:`reference.autodiff.apply` records the pair on the tape.
+
+Families (each module's docstring numbers its equations; each backward line
+cites the equation it implements):
+
+- :mod:`.elementwise`: broadcasting arithmetic, ReLU, sum and mean
+- :mod:`.shape`: reshape
+- :mod:`.linalg`: matmul and linear
+- :mod:`.conv`: conv2d via im2col (stride, padding, groups, depthwise)
+- :mod:`.norm`: batch norm (training and evaluation)
+- :mod:`.pooling`: max, average and global average pooling
+- :mod:`.loss`: softmax cross-entropy with label smoothing
+"""
+
+from __future__ import annotations
+
+import sys
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from .conv import *  # noqa: F401,F403
+from .elementwise import *  # noqa: F401,F403
+from .linalg import *  # noqa: F401,F403
+from .loss import *  # noqa: F401,F403
+from .norm import *  # noqa: F401,F403
+from .pooling import *  # noqa: F401,F403
+from .shape import *  # noqa: F401,F403
+
+
+def op_names() -> list[str]:
+    """Every op with both a forward and a backward kernel in this set."""
+    module = sys.modules[__name__]
+    return sorted(
+        name[: -len("_forward")]
+        for name in dir(module)
+        if name.endswith("_forward") and hasattr(module, name[: -len("_forward")] + "_backward")
+    )
+
+
+def kernels_for(array: Any) -> ModuleType:
+    """The kernel set for ``array``: this module for NumPy, ``gpu.ops`` for CuPy.
+
+    ``gpu`` is imported only when a CuPy array is seen, so the reference never
+    needs CuPy installed.
+    """
+    if array is None or isinstance(array, (np.ndarray, np.generic, int, float)):
+        return sys.modules[__name__]
+    if type(array).__module__.split(".")[0] == "cupy":
+        import gpu.ops
+
+        return gpu.ops
+    raise TypeError(f"no kernel set for arrays of type {type(array).__module__}.{type(array).__name__}")

@@ -1,0 +1,19 @@
+"""Suite-wide settings: hypothesis profiles and the ``gpu`` / ``slow`` markers.
+
+Profiles (choose with ``HYPOTHESIS_PROFILE``):
+
+- ``ci`` (default): few examples, derandomized, so the suite is fast and
+  repeatable on a 2-core machine.
+- ``dev``: more examples, random seeds: run it when changing a kernel.
+- ``thorough``: many examples, for a long fuzzing session.
+"""
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=15, derandomize=True, **_common)
+settings.register_profile("dev", max_examples=60, **_common)
+settings.register_profile("thorough", max_examples=500, **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -1,0 +1,3 @@
+from tests.harness import OpCase
+
+CASES: list[OpCase] = []
