@@ -1,1 +1,168 @@
-__all__: list[str] = []
+"""Batch normalisation, per channel, in training and evaluation mode.
+
+``x`` is (N, C, H, W) or (N, C) (more generally (N, C, ...)); every statistic
+is per channel ``c``, over the ``n = N * H * W`` entries ``x_i`` of that
+channel (``n = N`` for 2-D input). ``gamma`` and ``beta`` have shape (C,);
+either may be None (no affine scale or shift), and then gets no gradient.
+
+Training mode normalises with the batch statistics (the biased variance)::
+
+    mu   = (1/n) sum_i x_i                                                  (1)
+    var  = (1/n) sum_i (x_i - mu)^2                                         (2)
+    s    = (var + eps)^(-1/2)                                               (3)
+    xhat_i = (x_i - mu) s                                                   (4)
+    y_i  = gamma xhat_i + beta                                              (5)
+
+The kernel does not touch the running statistics: the cache exposes ``mean``
+(1) and ``var`` (2) and :func:`reference.functional.batch_norm` moves the
+running averages toward them.
+
+Evaluation mode uses (4) and (5) with ``mu`` and ``var`` replaced by the
+given ``running_mean`` and ``running_var``, which are constants.
+
+Backward. With ``dy`` the upstream gradient, (5) gives, in both modes::
+
+    dbeta  = sum_i dy_i                                                     (6)
+    dgamma = sum_i dy_i xhat_i                                              (7)
+    dxhat_i = gamma dy_i                                                    (8)
+
+In evaluation mode ``mu`` and ``s`` do not depend on ``x``, so::
+
+    dx_i = gamma s dy_i                                                     (9)
+
+In training mode ``mu`` and ``s`` depend on every ``x_j`` of the channel.
+From (1), d mu / d x_j = 1/n. From (2), d var / d x_j = (2/n)(x_j - mu) (the
+term through ``mu`` is (2/n) sum_i (x_i - mu) (-1/n) = 0). From (3),
+d s / d x_j = -(1/2) s^3 d var / d x_j = -(s / n) xhat_j. Then (4) gives::
+
+    d xhat_i / d x_j = s (delta_ij - 1/n) + (x_i - mu) d s / d x_j
+                     = (s / n) (n delta_ij - 1 - xhat_i xhat_j)
+
+and summing against (8)::
+
+    dx_j = sum_i dxhat_i d xhat_i / d x_j
+         = (gamma s / n) (n dy_j - sum_i dy_i - xhat_j sum_i dy_i xhat_i)
+         = (gamma s / n) (n dy_j - dbeta - xhat_j dgamma)                   (10)
+
+The code evaluates (10) divided through by ``n`` inside the bracket,
+``gamma s (dy_j - dbeta/n - xhat_j dgamma/n)``, which avoids forming ``n dy``.
+Since ``sum_j xhat_j = 0``, (10) gives ``sum_j dx_j = 0`` per channel: the
+output ignores a per-channel shift of ``x`` (a test checks it).
+
+dtype: sums accumulate in float64 (two passes for the variance), and the
+results are cast back, so float32 input gives float32 output, statistics and
+gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from reference.errors import ShapeError
+
+__all__ = ["batch_norm_forward", "batch_norm_backward"]
+
+_ACC = np.float64  # accumulator dtype for the per-channel sums
+
+
+class BatchNormCache(NamedTuple):
+    xhat: np.ndarray  # (4), x's shape and dtype
+    inv_std: np.ndarray  # s of (3), (C,)
+    gamma: np.ndarray | None  # (C,), None means gamma = 1 (no gradient)
+    beta_dtype: Any  # None means beta = 0 (no gradient)
+    mean: np.ndarray  # (C,): the batch mean (1) in training, running_mean in evaluation
+    var: np.ndarray  # (C,): the biased batch variance (2) in training, running_var in evaluation
+    training: bool
+    count: int  # n, the entries per channel
+
+
+def _channel_axes(ndim: int) -> tuple[int, ...]:
+    """Every axis but the channel axis 1: (0,) for (N, C), (0, 2, 3) for (N, C, H, W)."""
+    return (0, *range(2, ndim))
+
+
+def _per_channel(v: np.ndarray, ndim: int) -> np.ndarray:
+    """A (C,) vector shaped to broadcast against x."""
+    return v.reshape((1, -1) + (1,) * (ndim - 2))  # (C,) -> (1, C, 1, ..., 1)
+
+
+def _channel_sum(v: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """Per-channel sum over ``axes``, accumulated in float64: (N, C, ...) -> (C,)."""
+    return v.sum(axis=axes, dtype=_ACC)
+
+
+def batch_norm_forward(
+    x: np.ndarray,
+    gamma: np.ndarray | None,
+    beta: np.ndarray | None,
+    running_mean: np.ndarray | None,
+    running_var: np.ndarray | None,
+    training: bool,
+    eps: float = 1e-5,
+) -> tuple[np.ndarray, BatchNormCache]:
+    """Batch norm of ``x`` (N, C, ...) per channel; ``running_*`` are read only in evaluation."""
+    if x.ndim < 2:
+        raise ShapeError(f"batch_norm expects x of shape (N, C) or (N, C, H, W), got {tuple(x.shape)}")
+    channels = x.shape[1]
+    if not training and (running_mean is None or running_var is None):
+        raise ShapeError("batch_norm in evaluation mode needs running_mean and running_var, got None")
+    per_channel_inputs = {"gamma": gamma, "beta": beta}
+    if not training:
+        per_channel_inputs.update(running_mean=running_mean, running_var=running_var)
+    for name, v in per_channel_inputs.items():
+        if v is not None and tuple(v.shape) != (channels,):
+            raise ShapeError(f"batch_norm expects {name} of shape ({channels},), got {tuple(v.shape)}")
+
+    dtype = x.dtype
+    axes = _channel_axes(x.ndim)
+    count = x.size // channels if channels else 0
+    if training:
+        if count < 1:
+            raise ShapeError(
+                f"batch_norm in training mode needs at least one entry per channel, got {tuple(x.shape)}"
+            )
+        mean = (_channel_sum(x, axes) / count).astype(dtype)  # (1)
+        centred = x - _per_channel(mean, x.ndim)
+        var64 = _channel_sum(centred * centred, axes) / count  # (2), second pass
+        var = var64.astype(dtype)
+        inv_std = (1.0 / np.sqrt(var64 + eps)).astype(dtype)  # (3)
+    else:
+        mean = np.asarray(running_mean).astype(dtype)
+        var = np.asarray(running_var).astype(dtype)
+        centred = x - _per_channel(mean, x.ndim)
+        inv_std = (1.0 / np.sqrt(np.asarray(running_var, dtype=_ACC) + eps)).astype(dtype)  # (3)
+    xhat = centred * _per_channel(inv_std, x.ndim)  # (4)
+
+    y = xhat
+    if gamma is not None:
+        y = y * _per_channel(gamma.astype(dtype, copy=False), x.ndim)  # (5)
+    if beta is not None:
+        y = y + _per_channel(beta.astype(dtype, copy=False), x.ndim)  # (5)
+    if y is xhat:
+        y = xhat.copy()
+    cache = BatchNormCache(
+        xhat, inv_std, gamma, None if beta is None else beta.dtype, mean, var, bool(training), count
+    )
+    return y, cache
+
+
+def batch_norm_backward(dy: np.ndarray, cache: BatchNormCache):
+    xhat, inv_std, gamma, beta_dtype, _, _, training, count = cache
+    ndim, dtype = xhat.ndim, xhat.dtype
+    axes = _channel_axes(ndim)
+
+    dbeta64 = _channel_sum(dy, axes)  # (6)
+    dgamma64 = _channel_sum(dy * xhat, axes)  # (7)
+    scale = inv_std if gamma is None else gamma.astype(dtype, copy=False) * inv_std  # gamma s, (8)
+    if training:
+        dy_mean = _per_channel((dbeta64 / count).astype(dtype), ndim)
+        dyxhat_mean = _per_channel((dgamma64 / count).astype(dtype), ndim)
+        dx = _per_channel(scale, ndim) * (dy - dy_mean - xhat * dyxhat_mean)  # (10)
+    else:
+        dx = _per_channel(scale, ndim) * dy  # (9)
+
+    dgamma = None if gamma is None else dgamma64.astype(gamma.dtype)
+    dbeta = None if beta_dtype is None else dbeta64.astype(beta_dtype)
+    return dx.astype(dtype, copy=False), dgamma, dbeta, None, None
