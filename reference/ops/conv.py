@@ -1,1 +1,323 @@
-__all__: list[str] = []
+"""2-D convolution (cross-correlation, as PyTorch) on NCHW input, by im2col and GEMM.
+
+Shapes: ``x`` (N, C, H, W), ``w`` (O, C/G, kh, kw) with G = ``groups``, ``b`` (O,).
+Group ``g`` maps input channels ``g*Cg .. (g+1)*Cg - 1`` to output channels
+``g*Og .. (g+1)*Og - 1``, with ``Cg = C/G`` and ``Og = O/G``. ``xp`` is ``x``
+zero-padded by ``(ph, pw)``; strides are ``(sh, sw)``; the output size is
+``Ho = (H + 2 ph - kh) // sh + 1`` (likewise ``Wo``). For an output channel
+``o`` in group ``g``::
+
+    y[n,o,i,j] = b[o] + sum_{c<Cg, p<kh, q<kw} w[o,c,p,q] xp[n, g Cg + c, i sh + p, j sw + q]   (1)
+
+im2col gathers every window into columns, one matrix per sample and group,
+with rows ``r = (c, p, q)`` and columns ``l = (i, j)``; (1) is then a GEMM::
+
+    X[n,g][(c,p,q), (i,j)] = xp[n, g Cg + c, i sh + p, j sw + q]
+    Y[n,g] = W[g] X[n,g] + b[g],    W[g] = w[g Og : (g+1) Og] as (Og, Cg kh kw)       (2)
+
+Gradients, with ``dY[n,g]`` the upstream ``dy`` as (Og, Ho Wo)::
+
+    db[o]  = sum_{n,i,j} dy[n,o,i,j]                                                  (3)
+    dW[g]  = sum_n dY[n,g] X[n,g]^T                                                   (4)
+    dX[n,g] = W[g]^T dY[n,g];  dxp[n, g Cg + c, i sh + p, j sw + q] += dX[n,g][(c,p,q),(i,j)]
+    (col2im: a scatter-add over the kh kw kernel offsets), dx = dxp without its border (5)
+
+For stride 1 (and ``ph <= kh - 1``, ``pw <= kw - 1``), (5) is itself a
+correlation: of ``dy`` zero-padded by ``(kh-1-ph, kw-1-pw)`` with the weight
+flipped in space and transposed in its channel axes, group by group::
+
+    dyp[n, o, a + kh-1-ph, b + kw-1-pw] = dy[n, o, a, b]   (zero elsewhere)
+    dx[n, g Cg + c, a, b] = sum_{o<Og, p, q} w[g Og + o, c, kh-1-p, kw-1-q] dyp[n, g Og + o, a + p, b + q]
+                                                                                      (6)
+
+which runs as im2col of ``dyp`` and one GEMM, writing ``dx`` in NCHW directly
+instead of scattering a kh kw times larger ``dX``.
+
+Two shapes get their own path (same equations, less work):
+
+- pointwise (1x1, G = 1): ``X[n]`` is ``xp[n, :, ::sh, ::sw]`` as (C, Ho Wo),
+  no window gather; (5) writes ``dX[n]`` back to ``dxp[n, :, ::sh, ::sw]``.
+- depthwise (G = C > 1, O = C m for a channel multiplier m): with Cg = 1 the
+  GEMM in (2) degenerates, so (1) runs as a multiply-accumulate over the kh kw
+  offsets of strided views of ``xp``, and (4), (5) as::
+
+      dw[c m + k, 0, p, q] = sum_{n,i,j} dy[n, c m + k, i, j] xp[n, c, i sh + p, j sw + q]        (7)
+      dxp[n, c, i sh + p, j sw + q] += sum_k w[c m + k, 0, p, q] dy[n, c m + k, i, j]          (8)
+
+Convolution is linear in ``x``, ``w`` and ``b``: there are no kinks.
+
+Dtypes: the output and every gradient have ``x``'s dtype; ``w`` and ``b`` must
+match it (a float32 network stays float32).
+
+Memory: the general path caches the columns ``X`` (kh kw times the size of the
+strided input) so the backward pass does not gather them again.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+__all__ = ["conv2d_forward", "conv2d_backward"]
+
+
+def _pair(value: Any, name: str) -> tuple[int, int]:
+    """``v`` -> ``(v, v)``; a pair stays a pair (as ints)."""
+    if isinstance(value, (int, np.integer)):
+        return int(value), int(value)
+    pair = tuple(int(v) for v in value)
+    if len(pair) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def _pad(x: np.ndarray, ph: int, pw: int, value: float = 0.0) -> np.ndarray:
+    """``x`` (N, C, H, W) -> (N, C, H + 2 ph, W + 2 pw), the border filled with ``value``."""
+    if ph == 0 and pw == 0:
+        return x
+    return np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=value)
+
+
+def _windows(xp: np.ndarray, kh: int, kw: int, sh: int, sw: int) -> np.ndarray:
+    """A view of every (kh, kw) window of ``xp`` at strides (sh, sw), without a copy.
+
+    (N, C, Hp, Wp) -> (N, C, Ho, Wo, kh, kw)
+    """
+    return sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
+
+
+def _im2col(xp: np.ndarray, kh: int, kw: int, sh: int, sw: int) -> np.ndarray:
+    """The columns of (2), contiguous: (N, C, Hp, Wp) -> (N, C, kh, kw, Ho, Wo)."""
+    # (N, C, Ho, Wo, kh, kw) -> (N, C, kh, kw, Ho, Wo), one gathering copy
+    return np.ascontiguousarray(_windows(xp, kh, kw, sh, sw).transpose(0, 1, 4, 5, 2, 3))
+
+
+def _offset(p: int, s: int, n: int) -> slice:
+    """Indices ``p, p + s, ..., p + s (n - 1)``: where offset ``p`` of a window lands
+    for each of ``n`` outputs at stride ``s`` along one axis."""
+    return slice(p, p + s * (n - 1) + 1, s)
+
+
+class Conv2dCache(NamedTuple):
+    path: str  # "general", "pointwise" or "depthwise"
+    saved: np.ndarray  # general: X (N, C, kh, kw, Ho, Wo); pointwise: X (N, C, Ho*Wo); depthwise: xp
+    w: np.ndarray
+    x_shape: tuple[int, int, int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    groups: int
+    has_bias: bool
+
+
+def _check(x, w, b, stride, padding, groups) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """Validate the arguments; return ``(stride, padding, (Ho, Wo))``."""
+    if x.ndim != 4 or w.ndim != 4:
+        raise ValueError(
+            f"conv2d expects x (N, C, H, W) and w (O, C/groups, kh, kw), got x {x.shape} and w {w.shape}"
+        )
+    stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
+    if min(stride) < 1 or min(padding) < 0:
+        raise ValueError(f"conv2d needs stride >= 1 and padding >= 0, got stride {stride}, padding {padding}")
+    n_out, c_in_group, kh, kw = w.shape
+    if groups < 1 or x.shape[1] % groups or n_out % groups or c_in_group * groups != x.shape[1]:
+        raise ValueError(
+            f"conv2d with groups={groups}: x has {x.shape[1]} channels and w has shape {w.shape}; "
+            f"expected both channel counts divisible by groups and w.shape[1] == {x.shape[1]} / {groups}"
+        )
+    if b is not None and tuple(b.shape) != (n_out,):
+        raise ValueError(f"conv2d bias must have shape ({n_out},), got {b.shape}")
+    if w.dtype != x.dtype or (b is not None and b.dtype != x.dtype):
+        got = f"x {x.dtype}, w {w.dtype}" + ("" if b is None else f", b {b.dtype}")
+        raise ValueError(f"conv2d expects one dtype for x, w and b, got {got}")
+    ho = (x.shape[2] + 2 * padding[0] - kh) // stride[0] + 1
+    wo = (x.shape[3] + 2 * padding[1] - kw) // stride[1] + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(
+            f"conv2d output would be empty: input {x.shape[2:]} padded by {padding} is smaller "
+            f"than the kernel {(kh, kw)}"
+        )
+    return stride, padding, (ho, wo)
+
+
+def conv2d_forward(x, w, b=None, stride=1, padding=0, groups: int = 1):
+    """``y = conv2d(x, w) + b`` (1): x (N, C, H, W), w (O, C/groups, kh, kw), b (O,) or None.
+
+    ``stride`` and ``padding`` are an int or an (h, w) pair; padding is zeros.
+    Returns ``y`` (N, O, Ho, Wo) in ``x``'s dtype and the cache for
+    :func:`conv2d_backward`.
+    """
+    stride, padding, out_hw = _check(x, w, b, stride, padding, groups)
+    n_out, c_in_group, kh, kw = w.shape
+    if kh == kw == 1 and groups == 1:
+        y, cache = _forward_pointwise(x, w, stride, padding, out_hw)
+    elif groups == x.shape[1] > 1 and c_in_group == 1:
+        y, cache = _forward_depthwise(x, w, stride, padding, out_hw)
+    else:
+        y, cache = _forward_general(x, w, stride, padding, groups, out_hw)
+    if b is not None:
+        y += b.reshape(1, n_out, 1, 1)  # (1)
+    return y, cache._replace(has_bias=b is not None)
+
+
+def conv2d_backward(dy, cache: Conv2dCache):
+    """``(dx, dw, db)`` for :func:`conv2d_forward`; ``db`` is None when there was no bias."""
+    db = dy.sum(axis=(0, 2, 3)) if cache.has_bias else None  # (3)
+    if cache.path == "pointwise":
+        dx, dw = _backward_pointwise(dy, cache)
+    elif cache.path == "depthwise":
+        dx, dw = _backward_depthwise(dy, cache)
+    else:
+        dx, dw = _backward_general(dy, cache)
+    return dx, dw, db
+
+
+# ---------------------------------------------------------------- general path
+def _forward_general(x, w, stride, padding, groups, out_hw):
+    n = x.shape[0]
+    n_out, _, kh, kw = w.shape
+    (sh, sw), (ph, pw), (ho, wo) = stride, padding, out_hw
+    cols = _im2col(_pad(x, ph, pw), kh, kw, sh, sw)  # (2)
+    # (N, C, kh, kw, Ho, Wo) -> (N, G, Cg*kh*kw, Ho*Wo)
+    cols_g = cols.reshape(n, groups, -1, ho * wo)
+    # (O, Cg, kh, kw) -> (G, Og, Cg*kh*kw)
+    w_g = w.reshape(groups, n_out // groups, -1)
+    y = np.matmul(w_g, cols_g)  # (2)
+    # (N, G, Og, Ho*Wo) -> (N, O, Ho, Wo)
+    y = y.reshape(n, n_out, ho, wo)
+    return y, Conv2dCache("general", cols, w, tuple(x.shape), stride, padding, groups, False)
+
+
+def _backward_general(dy, cache: Conv2dCache):
+    n = cache.x_shape[0]
+    w, groups = cache.w, cache.groups
+    n_out, _, kh, kw = w.shape
+    (sh, sw), (ph, pw) = cache.stride, cache.padding
+    ho, wo = dy.shape[2:]
+    # (N, O, Ho, Wo) -> (N, G, Og, Ho*Wo)
+    dy_g = dy.reshape(n, groups, n_out // groups, ho * wo)
+    # (N, C, kh, kw, Ho, Wo) -> (N, G, Cg*kh*kw, Ho*Wo) -> transposed (N, G, Ho*Wo, Cg*kh*kw)
+    cols_t = cache.saved.reshape(n, groups, -1, ho * wo).swapaxes(-1, -2)
+    dw = np.matmul(dy_g, cols_t).sum(axis=0)  # (4)
+    # (G, Og, Cg*kh*kw) -> (O, Cg, kh, kw)
+    dw = dw.reshape(w.shape)
+    if sh == sw == 1 and ph <= kh - 1 and pw <= kw - 1:
+        dx = _dx_transposed(dy, w, groups, (ph, pw))
+    else:
+        dx = _dx_col2im(dy_g, w, cache)
+    return dx, dw
+
+
+def _dx_transposed(dy, w, groups, padding):
+    """``dx`` for stride 1 by (6): a correlation of the padded ``dy`` with the flipped weight."""
+    n, n_out = dy.shape[:2]
+    _, c_in_group, kh, kw = w.shape
+    ph, pw = padding
+    cols = _im2col(_pad(dy, kh - 1 - ph, kw - 1 - pw), kh, kw, 1, 1)  # (6)
+    h, wd = cols.shape[-2:]
+    # (N, O, kh, kw, H, W) -> (N, G, Og*kh*kw, H*W)
+    cols = cols.reshape(n, groups, -1, h * wd)
+    # (O, Cg, kh, kw) -> (G, Og, Cg, kh, kw), flipped in space -> (G, Cg, Og, kh, kw) -> (G, Cg, Og*kh*kw)
+    w_t = w.reshape(groups, n_out // groups, c_in_group, kh, kw)[..., ::-1, ::-1]
+    w_t = w_t.transpose(0, 2, 1, 3, 4).reshape(groups, c_in_group, -1)
+    dx = np.matmul(w_t, cols)  # (6)
+    # (N, G, Cg, H*W) -> (N, C, H, W)
+    return dx.reshape(n, groups * c_in_group, h, wd)
+
+
+def _dx_col2im(dy_g, w, cache: Conv2dCache):
+    """``dx`` by (5): ``dX = W^T dY``, then a scatter-add over the kernel offsets."""
+    n, c, h, wd = cache.x_shape
+    groups = cache.groups
+    n_out, _, kh, kw = w.shape
+    (sh, sw), (ph, pw) = cache.stride, cache.padding
+    ho, wo = cache.saved.shape[-2:]
+    # (O, Cg, kh, kw) -> (G, Og, Cg*kh*kw) -> transposed (G, Cg*kh*kw, Og)
+    w_t = w.reshape(groups, n_out // groups, -1).swapaxes(-1, -2)
+    d_cols = np.matmul(w_t, dy_g)  # (5)
+    # (N, G, Cg*kh*kw, Ho*Wo) -> (N, C, kh, kw, Ho, Wo)
+    d_cols = d_cols.reshape(n, c, kh, kw, ho, wo)
+    dxp = np.zeros((n, c, h + 2 * ph, wd + 2 * pw), dtype=dy_g.dtype)
+    for p in range(kh):
+        for q in range(kw):
+            dxp[:, :, _offset(p, sh, ho), _offset(q, sw, wo)] += d_cols[:, :, p, q]  # (5)
+    return dxp[:, :, ph : ph + h, pw : pw + wd]  # (5)
+
+
+# -------------------------------------------------------------- pointwise path
+def _forward_pointwise(x, w, stride, padding, out_hw):
+    n, c = x.shape[:2]
+    n_out = w.shape[0]
+    (sh, sw), (ph, pw), (ho, wo) = stride, padding, out_hw
+    # (N, C, Hp, Wp) -> (N, C, Ho, Wo) -> (N, C, Ho*Wo); copies only when strided or padded
+    cols = _pad(x, ph, pw)[:, :, ::sh, ::sw].reshape(n, c, ho * wo)
+    # (O, C, 1, 1) -> (O, C)
+    y = np.matmul(w.reshape(n_out, c), cols)  # (2)
+    # (N, O, Ho*Wo) -> (N, O, Ho, Wo)
+    y = y.reshape(n, n_out, ho, wo)
+    return y, Conv2dCache("pointwise", cols, w, tuple(x.shape), stride, padding, 1, False)
+
+
+def _backward_pointwise(dy, cache: Conv2dCache):
+    n, c, h, wd = cache.x_shape
+    (sh, sw), (ph, pw) = cache.stride, cache.padding
+    n_out, ho, wo = dy.shape[1:]
+    # (N, O, Ho, Wo) -> (N, O, Ho*Wo)
+    dy_m = dy.reshape(n, n_out, ho * wo)
+    # (N, C, Ho*Wo) -> transposed (N, Ho*Wo, C)
+    dw = np.matmul(dy_m, cache.saved.swapaxes(1, 2)).sum(axis=0)  # (4)
+    # (O, C) -> (O, C, 1, 1)
+    dw = dw.reshape(cache.w.shape)
+    # (O, C, 1, 1) -> (O, C) -> transposed (C, O)
+    d_cols = np.matmul(cache.w.reshape(n_out, c).T, dy_m)  # (5)
+    # (N, C, Ho*Wo) -> (N, C, Ho, Wo)
+    d_cols = d_cols.reshape(n, c, ho, wo)
+    if sh == sw == 1 and ph == pw == 0:
+        return d_cols, dw
+    dxp = np.zeros((n, c, h + 2 * ph, wd + 2 * pw), dtype=dy.dtype)
+    dxp[:, :, ::sh, ::sw] = d_cols  # (5)
+    return dxp[:, :, ph : ph + h, pw : pw + wd], dw  # (5)
+
+
+# -------------------------------------------------------------- depthwise path
+def _forward_depthwise(x, w, stride, padding, out_hw):
+    n, c = x.shape[:2]
+    n_out, _, kh, kw = w.shape
+    (sh, sw), (ph, pw), (ho, wo) = stride, padding, out_hw
+    xp = _pad(x, ph, pw)
+    # (O, 1, kh, kw) -> (C, m, kh, kw)
+    w_cm = w.reshape(c, n_out // c, kh, kw)
+    y = np.zeros((n, c, n_out // c, ho, wo), dtype=x.dtype)
+    term = np.empty_like(y)
+    for p in range(kh):
+        for q in range(kw):
+            x_pq = xp[:, :, _offset(p, sh, ho), _offset(q, sw, wo)]
+            # (N, C, Ho, Wo) -> (N, C, 1, Ho, Wo) times (C, m) -> (C, m, 1, 1)
+            np.multiply(x_pq[:, :, None], w_cm[:, :, p, q, None, None], out=term)  # (1)
+            y += term  # (1)
+    # (N, C, m, Ho, Wo) -> (N, O, Ho, Wo)
+    y = y.reshape(n, n_out, ho, wo)
+    return y, Conv2dCache("depthwise", xp, w, tuple(x.shape), stride, padding, c, False)
+
+
+def _backward_depthwise(dy, cache: Conv2dCache):
+    n, c, h, wd = cache.x_shape
+    xp, w = cache.saved, cache.w
+    n_out, _, kh, kw = w.shape
+    (sh, sw), (ph, pw) = cache.stride, cache.padding
+    ho, wo = dy.shape[2:]
+    # (N, O, Ho, Wo) -> (N, C, m, Ho, Wo)
+    dy_cm = dy.reshape(n, c, n_out // c, ho, wo)
+    # (O, 1, kh, kw) -> (C, m, kh, kw)
+    w_cm = w.reshape(c, n_out // c, kh, kw)
+    dw = np.empty((c, n_out // c, kh, kw), dtype=dy.dtype)
+    dxp = np.zeros(xp.shape, dtype=dy.dtype)
+    for p in range(kh):
+        for q in range(kw):
+            rows, columns = _offset(p, sh, ho), _offset(q, sw, wo)
+            dw[:, :, p, q] = np.einsum("ncmij,ncij->cm", dy_cm, xp[:, :, rows, columns])  # (7)
+            dxp[:, :, rows, columns] += np.einsum("ncmij,cm->ncij", dy_cm, w_cm[:, :, p, q])  # (8)
+    # (C, m, kh, kw) -> (O, 1, kh, kw)
+    dw = dw.reshape(w.shape)
+    return dxp[:, :, ph : ph + h, pw : pw + wd], dw  # (8)

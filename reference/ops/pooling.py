@@ -1,1 +1,169 @@
-__all__: list[str] = []
+"""Max, average and global average pooling on NCHW input.
+
+``x`` is (N, C, H, W); windows are (kh, kw) at strides (sh, sw) (the stride
+defaults to the window size); ``xp`` is ``x`` padded by (ph, pw) on each side.
+The output size is ``Ho = (H + 2 ph - kh) // sh + 1`` (likewise ``Wo``), and the
+padding may be at most half the window (``ph <= kh // 2``), so every window
+holds at least one element of ``x``. Window ``(i, j)`` covers the offsets
+``(p, q)``, ``p < kh``, ``q < kw``, of ``xp`` at ``(i sh + p, j sw + q)``.
+
+Max pooling, with ``xp`` padded by -inf (padding is never selected)::
+
+    y[n,c,i,j] = max_{p,q} xp[n, c, i sh + p, j sw + q]                                (1)
+    (p*, q*)[n,c,i,j] = the first (p, q) in row-major order reaching that maximum       (2)
+    dxp[n, c, i sh + p*, j sw + q*] += dy[n,c,i,j],   dx = dxp without its border       (3)
+
+Kink: where several elements of a window tie for the maximum, (2) sends the
+whole gradient to the first one in row-major window order (``np.argmax``'s
+rule), not a share to each. Where windows overlap, one element can be the
+maximum of several windows, and (3) adds up their gradients.
+
+Average pooling, with ``xp`` padded by zeros that count in the divisor
+(PyTorch's ``count_include_pad=True``)::
+
+    y[n,c,i,j] = sum_{p,q} xp[n, c, i sh + p, j sw + q] / (kh kw)                       (4)
+    dxp[n, c, i sh + p, j sw + q] += dy[n,c,i,j] / (kh kw)  for every (p, q)             (5)
+
+Global average pooling, (N, C, H, W) -> (N, C)::
+
+    y[n,c] = sum_{a,b} x[n,c,a,b] / (H W)                                               (6)
+    dx[n,c,a,b] = dy[n,c] / (H W)                                                       (7)
+
+Outputs and gradients keep ``x``'s dtype.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from .conv import _offset, _pad, _pair
+
+__all__ = [
+    "max_pool2d_forward",
+    "max_pool2d_backward",
+    "avg_pool2d_forward",
+    "avg_pool2d_backward",
+    "global_avg_pool2d_forward",
+    "global_avg_pool2d_backward",
+]
+
+
+class PoolGeometry(NamedTuple):
+    x_shape: tuple[int, int, int, int]
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    out: tuple[int, int]
+
+
+def _geometry(op: str, x, kernel_size, stride, padding) -> PoolGeometry:
+    """Validate a pooling window against ``x`` and work out the output size."""
+    if x.ndim != 4:
+        raise ValueError(f"{op} expects x of shape (N, C, H, W), got {x.shape}")
+    kernel = _pair(kernel_size, "kernel_size")
+    stride = kernel if stride is None else _pair(stride, "stride")
+    padding = _pair(padding, "padding")
+    if min(kernel) < 1 or min(stride) < 1 or min(padding) < 0:
+        raise ValueError(
+            f"{op} needs kernel_size >= 1, stride >= 1 and padding >= 0, "
+            f"got kernel_size {kernel}, stride {stride}, padding {padding}"
+        )
+    if padding[0] > kernel[0] // 2 or padding[1] > kernel[1] // 2:
+        raise ValueError(f"{op} padding {padding} must be at most half the kernel size {kernel}")
+    out = tuple((n + 2 * p - k) // s + 1 for n, p, k, s in zip(x.shape[2:], padding, kernel, stride))
+    if min(out) < 1:
+        raise ValueError(
+            f"{op} output would be empty: input {x.shape[2:]} padded by {padding} is smaller "
+            f"than the kernel {kernel}"
+        )
+    return PoolGeometry(tuple(x.shape), kernel, stride, padding, out)  # type: ignore[arg-type]
+
+
+def _scatter(geo: PoolGeometry, dtype, pieces) -> np.ndarray:
+    """``dx``: add ``piece`` (N, C, Ho, Wo) at each window offset ``(p, q)`` of ``dxp``, crop."""
+    n, c, h, w = geo.x_shape
+    (ph, pw), (ho, wo), (sh, sw) = geo.padding, geo.out, geo.stride
+    dxp = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=dtype)
+    for (p, q), piece in pieces:
+        dxp[:, :, _offset(p, sh, ho), _offset(q, sw, wo)] += piece
+    return dxp[:, :, ph : ph + h, pw : pw + w]
+
+
+# ------------------------------------------------------------------ max pooling
+class MaxPoolCache(NamedTuple):
+    geometry: PoolGeometry
+    argmax: np.ndarray  # (N, C, Ho, Wo): p* kw + q* of (2), the smallest integer type that fits
+
+
+def max_pool2d_forward(x, kernel_size, stride=None, padding=0):
+    """Max over each window (1); ``stride`` None means the window size, padding is -inf."""
+    geo = _geometry("max_pool2d", x, kernel_size, stride, padding)
+    (kh, kw), (sh, sw) = geo.kernel, geo.stride
+    n, c = x.shape[:2]
+    ho, wo = geo.out
+    xp = _pad(x, *geo.padding, value=-np.inf)
+    windows = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
+    # (N, C, Ho, Wo, kh, kw) -> (N, C, Ho, Wo, kh*kw), row-major window order
+    windows = windows.reshape(n, c, ho, wo, kh * kw)
+    argmax = windows.argmax(axis=-1)  # (2): the first maximum
+    y = np.take_along_axis(windows, argmax[..., None], axis=-1)[..., 0]  # (1)
+    argmax = argmax.astype(np.min_scalar_type(kh * kw - 1))
+    return y, MaxPoolCache(geo, argmax)
+
+
+def max_pool2d_backward(dy, cache: MaxPoolCache):
+    """``(dx,)``: each window's ``dy`` goes to its first maximum (3)."""
+    geo, argmax = cache
+    kh, kw = geo.kernel
+    pieces = (((p, q), np.where(argmax == p * kw + q, dy, 0)) for p in range(kh) for q in range(kw))
+    return (_scatter(geo, dy.dtype, pieces),)  # (3)
+
+
+# -------------------------------------------------------------- average pooling
+class AvgPoolCache(NamedTuple):
+    geometry: PoolGeometry
+
+
+def avg_pool2d_forward(x, kernel_size, stride=None, padding=0):
+    """Mean over each window (4); zero padding counts in the divisor kh*kw."""
+    geo = _geometry("avg_pool2d", x, kernel_size, stride, padding)
+    (kh, kw), (sh, sw), (ho, wo) = geo.kernel, geo.stride, geo.out
+    xp = _pad(x, *geo.padding)
+    y = np.zeros((x.shape[0], x.shape[1], ho, wo), dtype=x.dtype)
+    for p in range(kh):
+        for q in range(kw):
+            y += xp[:, :, _offset(p, sh, ho), _offset(q, sw, wo)]  # (4)
+    y /= kh * kw  # (4)
+    return y, AvgPoolCache(geo)
+
+
+def avg_pool2d_backward(dy, cache: AvgPoolCache):
+    """``(dx,)``: every element of a window gets ``dy / (kh kw)`` (5)."""
+    geo = cache.geometry
+    kh, kw = geo.kernel
+    share = dy / (kh * kw)  # (5)
+    pieces = (((p, q), share) for p in range(kh) for q in range(kw))
+    return (_scatter(geo, dy.dtype, pieces),)  # (5)
+
+
+# ------------------------------------------------------- global average pooling
+class GlobalAvgPoolCache(NamedTuple):
+    x_shape: tuple[int, int, int, int]
+
+
+def global_avg_pool2d_forward(x):
+    """(N, C, H, W) -> (N, C), the mean over H and W (6)."""
+    if x.ndim != 4:
+        raise ValueError(f"global_avg_pool2d expects x of shape (N, C, H, W), got {x.shape}")
+    return x.mean(axis=(2, 3)), GlobalAvgPoolCache(tuple(x.shape))  # (6)
+
+
+def global_avg_pool2d_backward(dy, cache: GlobalAvgPoolCache):
+    """``(dx,)``: ``dy / (H W)`` spread over every position (7)."""
+    h, w = cache.x_shape[2:]
+    # (N, C) -> (N, C, 1, 1)
+    share = dy.reshape(dy.shape + (1, 1)) / (h * w)  # (7)
+    return (np.broadcast_to(share, cache.x_shape).copy(),)  # (7)
