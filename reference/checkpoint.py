@@ -1,0 +1,255 @@
+"""Checkpoints: one ``.npz`` file per snapshot of a training run.
+
+Layout of the file (a zip of ``.npy`` members, written with NumPy and read
+with ``allow_pickle=False``)::
+
+    __meta__            0-d unicode array: a JSON document (below)
+    model/<name>        one array per entry of the model's state_dict (dotted names)
+    optim/<i>           the arrays inside the optimizer state, numbered
+    extra/<i>           the arrays inside ``extra``, numbered
+
+The JSON document::
+
+    {"format": "learnsparse-checkpoint", "version": 1,
+     "library_version": "...", "epoch": <completed epochs>,
+     "config": {...}, "metrics": [{...}, ...],
+     "optimizer": <optimizer state>, "extra": <extra>}
+
+Nested optimizer and extra states (dicts, lists, numbers, strings, arrays)
+are stored as JSON in which every array is replaced by ``{"__array__": key}``
+pointing at its ``optim/...`` or ``extra/...`` member, so any structure of
+plain values and arrays round-trips without pickle.
+
+Writes are atomic: the file is written under a temporary name in the target
+directory and renamed over the target only once complete, so a crash or a
+full disk never leaves a half-written checkpoint in place of a good one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reference.errors import CheckpointError
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "Checkpoint", "load_checkpoint", "save_checkpoint"]
+
+FORMAT_NAME = "learnsparse-checkpoint"
+FORMAT_VERSION = 1
+_META_KEY = "__meta__"
+_ARRAY_TAG = "__array__"
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """The contents of one checkpoint file."""
+
+    path: Path
+    model_state: dict[str, np.ndarray]
+    optimizer_state: Any
+    config: dict[str, Any]
+    epoch: int  # completed epochs
+    metrics: list[dict[str, Any]]
+    extra: Any
+    library_version: str
+    format_version: int = FORMAT_VERSION
+
+
+def library_version() -> str:
+    """The installed distribution's version, or ``"unknown"`` when run from a source tree."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("learnsparse")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------
+# Nested state <-> (JSON tree, arrays)
+
+
+def _host(array: Any) -> np.ndarray:
+    """A NumPy copy of ``array`` (fetched from the GPU when it is a CuPy array)."""
+    get = getattr(array, "get", None)
+    out = np.asarray(get() if callable(get) and not isinstance(array, np.ndarray) else array)
+    if out.dtype.hasobject:
+        raise CheckpointError(f"cannot store an array of Python objects (dtype {out.dtype}) in a checkpoint")
+    return out
+
+
+def _split(value: Any, prefix: str, arrays: dict[str, np.ndarray], where: str) -> Any:
+    """``value`` as a JSON tree, its arrays moved into ``arrays`` under ``prefix/<n>``."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        if getattr(value, "ndim", 1) == 0 and isinstance(value, np.generic):
+            return value.item()  # NumPy scalars are plain numbers
+        key = f"{prefix}/{len([k for k in arrays if k.startswith(prefix + '/')])}"
+        arrays[key] = _host(value)
+        return {_ARRAY_TAG: key}
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise CheckpointError(f"{where}: keys must be strings to be stored, got {k!r}")
+            out[k] = _split(v, prefix, arrays, f"{where}.{k}")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_split(v, prefix, arrays, f"{where}[{i}]") for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise CheckpointError(f"{where}: cannot store a value of type {type(value).__name__} in a checkpoint")
+
+
+def _join(tree: Any, arrays: Mapping[str, np.ndarray]) -> Any:
+    """The inverse of :func:`_split`."""
+    if isinstance(tree, dict):
+        if set(tree) == {_ARRAY_TAG}:
+            return arrays[tree[_ARRAY_TAG]]
+        return {k: _join(v, arrays) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_join(v, arrays) for v in tree]
+    return tree
+
+
+# ---------------------------------------------------------------------------
+# Saving
+
+
+def temporary_name(name: str) -> str:
+    """A hidden, unique name for writing ``name``'s new contents before the rename."""
+    return f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model_state: Mapping[str, Any],
+    optimizer_state: Any,
+    config: Any,
+    epoch: int,
+    metrics: list[Mapping[str, Any]],
+    extra: Any = None,
+) -> Path:
+    """Write a checkpoint to ``path`` atomically and return the path.
+
+    ``config`` is a mapping or an object with ``to_dict()`` (a TrainConfig).
+    ``epoch`` is the number of completed epochs. The directory must exist.
+    """
+    path = Path(path)
+    config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    arrays: dict[str, np.ndarray] = {}
+    for name, value in model_state.items():
+        if not isinstance(name, str):
+            raise CheckpointError(f"model_state names must be strings, got {name!r}")
+        arrays[f"model/{name}"] = _host(value)
+    metric_arrays: dict[str, np.ndarray] = {}
+    meta = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "library_version": library_version(),
+        "epoch": int(epoch),
+        "config": config_dict,
+        "metrics": _split(list(metrics), "metrics", metric_arrays, "metrics"),
+        "optimizer": _split(optimizer_state, "optim", arrays, "optimizer_state"),
+        "extra": _split(extra, "extra", arrays, "extra"),
+    }
+    if metric_arrays:
+        raise CheckpointError("metrics must hold plain numbers and strings, not arrays")
+    try:
+        meta_json = json.dumps(meta, allow_nan=True)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"cannot store the checkpoint metadata for {str(path)!r}: {exc}") from None
+    arrays[_META_KEY] = np.array(meta_json)
+
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise CheckpointError(
+            f"cannot write checkpoint {str(path)!r}: directory {str(directory)!r} does not exist"
+        )
+    tmp_name = directory / temporary_name(path.name)
+    try:
+        with open(tmp_name, "xb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        if isinstance(exc, OSError):
+            raise CheckpointError(f"cannot write checkpoint {str(path)!r}: {exc.strerror or exc}") from exc
+        raise
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Loading
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Raises CheckpointError, naming ``path``, when the file is missing, is not a
+    checkpoint, is truncated or corrupt, or has an unknown format version.
+    """
+    path = Path(path)
+    where = str(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {where!r} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {where!r} is a directory, expected a .npz file")
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {where!r} cannot be read: {exc.strerror or exc}") from None
+    if magic not in (b"PK\x03\x04", b"PK\x05\x06"):
+        raise CheckpointError(f"{where!r} is not a learnsparse checkpoint (not an .npz archive)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if _META_KEY not in data.files:
+                raise CheckpointError(f"{where!r} is not a learnsparse checkpoint (no {_META_KEY} entry)")
+            arrays = {key: data[key] for key in data.files}
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
+        raise CheckpointError(
+            f"{where!r} is not a readable learnsparse checkpoint (corrupt or truncated file: {exc})"
+        ) from None
+
+    try:
+        meta = json.loads(str(arrays.pop(_META_KEY)[()]))
+    except (ValueError, TypeError, IndexError) as exc:
+        raise CheckpointError(f"{where!r} has unreadable checkpoint metadata: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{where!r} is not a learnsparse checkpoint (format {meta.get('format')!r})")
+    version = meta.get("version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{where!r} has checkpoint format version {version!r}; this library reads version {FORMAT_VERSION}"
+        )
+    try:
+        model_state = {k[len("model/") :]: v for k, v in arrays.items() if k.startswith("model/")}
+        return Checkpoint(
+            path=path,
+            model_state=model_state,
+            optimizer_state=_join(meta["optimizer"], arrays),
+            config=dict(meta["config"]),
+            epoch=int(meta["epoch"]),
+            metrics=list(meta["metrics"]),
+            extra=_join(meta.get("extra"), arrays),
+            library_version=str(meta.get("library_version", "unknown")),
+            format_version=int(version),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where!r} has incomplete checkpoint metadata (missing {exc})") from None

@@ -1,0 +1,351 @@
+"""The training configuration: one frozen object, passed explicitly.
+
+A :class:`TrainConfig` holds every setting of a training run. It is built in
+layers, each overriding the one before::
+
+    defaults  <  TOML file (--config FILE.toml)  <  command-line flags
+
+and checked as a whole when it is constructed, so a ``TrainConfig`` that
+exists is a valid one. Problems raise :class:`~reference.errors.ConfigError`
+naming the offending value and what was expected.
+
+The defaults are the quickstart: the small CNN on the 8x8 digits, which
+reaches about 99 % test accuracy (at least 98.5 % over seeds 0-4) in a few
+seconds on a laptop CPU.
+
+A TOML file holds the same keys as the dataclass fields, at the top level::
+
+    model = "resnet20"
+    dataset = "synthetic"
+    epochs = 30
+    lr = 0.1
+    schedule = "step"
+    milestones = [15, 25]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from reference.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+__all__ = ["FIELD_HELP", "TrainConfig", "field_kind", "load_toml", "resolve_config"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of one training run (see :data:`FIELD_HELP`)."""
+
+    # what to train, on what
+    model: str = "digits_cnn"
+    dataset: str = "digits"
+    data_root: str | None = None
+    num_classes: int | None = None
+    width: float = 1.0
+    image_size: int = 32
+    train_size: int = 2048
+    test_size: int = 512
+    # how long, how fast
+    epochs: int = 15
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    schedule: str = "cosine"
+    warmup_epochs: int = 0
+    per_step: bool = False
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    # reproducibility and output
+    seed: int = 0
+    augment: bool = False
+    run_dir: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = _coerce(f.name, getattr(self, f.name))
+            object.__setattr__(self, f.name, value)
+        _validate(self)
+
+    # ------------------------------------------------------------ conversion
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain JSON/TOML-friendly values (tuples become lists)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], *, source: str = "config") -> TrainConfig:
+        """A config from a mapping of field names; missing ones take the defaults.
+
+        ``source`` names where the mapping came from, for error messages.
+        """
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{source}: expected a table of settings, got {type(values).__name__}")
+        _check_keys(values, source)
+        return cls(**dict(values))
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with some fields changed (validated like a new config)."""
+        _check_keys(changes, "replace()")
+        return dataclasses.replace(self, **changes)
+
+    def to_toml(self) -> str:
+        """The settings as a TOML document that :func:`load_toml` reads back.
+
+        Fields that are ``None`` (TOML has no null) are written as comments.
+        """
+        lines = []
+        for name, value in self.to_dict().items():
+            if value is None:
+                lines.append(f"# {name} = (not set)")
+            else:
+                lines.append(f"{name} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+
+FIELD_HELP: dict[str, str] = {
+    "model": "model name (see `learnsparse info`)",
+    "dataset": "data set name",
+    "data_root": "directory holding the data set files (cifar10, imagefolder)",
+    "num_classes": "number of classes (default: taken from the data set)",
+    "width": "channel width multiplier of the model",
+    "image_size": "side of the square images of the synthetic data set",
+    "train_size": "training images of the synthetic data set",
+    "test_size": "test images of the synthetic data set",
+    "epochs": "number of training epochs",
+    "batch_size": "training batch size",
+    "eval_batch_size": "batch size for evaluation",
+    "lr": "base learning rate",
+    "momentum": "SGD momentum",
+    "nesterov": "use Nesterov momentum",
+    "weight_decay": "L2 weight decay",
+    "label_smoothing": "label smoothing in [0, 1)",
+    "schedule": "learning-rate schedule name",
+    "warmup_epochs": "epochs of linear warm-up",
+    "per_step": "update the learning rate every step instead of every epoch",
+    "milestones": "epochs at which the step schedule multiplies the lr by gamma",
+    "gamma": "factor of the step schedule",
+    "seed": "random seed (model initialisation, data order, augmentation)",
+    "augment": "use the data set's training augmentation",
+    "run_dir": "directory for the config, metrics and checkpoints (default: runs/<model>-<dataset>-<time>)",
+    "progress": "show a progress bar over the batches",
+}
+
+# ---------------------------------------------------------------------------
+# Field kinds. Each field accepts exactly one kind of value (plus None where
+# the default is None); ints are accepted for float fields, never bools.
+
+_INT_FIELDS = {
+    "num_classes", "image_size", "train_size", "test_size", "epochs", "batch_size",
+    "eval_batch_size", "warmup_epochs", "seed",
+}  # fmt: skip
+_FLOAT_FIELDS = {"width", "lr", "momentum", "weight_decay", "label_smoothing", "gamma"}
+_BOOL_FIELDS = {"nesterov", "per_step", "augment", "progress"}
+_STR_FIELDS = {"model", "dataset", "data_root", "schedule", "run_dir"}
+_OPTIONAL_FIELDS = {"data_root", "num_classes", "run_dir"}
+_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
+_BUILTIN_DATASETS = ("digits", "synthetic")  # generated or bundled: no data_root needed
+
+
+def field_kind(name: str) -> str:
+    """The kind of value field ``name`` holds: "int", "float", "bool", "str" or "int_list"."""
+    if name not in _FIELD_NAMES:
+        raise ConfigError(f"unknown setting {name!r}; valid settings are: {', '.join(_FIELD_NAMES)}")
+    for kind, names in (
+        ("int", _INT_FIELDS),
+        ("float", _FLOAT_FIELDS),
+        ("bool", _BOOL_FIELDS),
+        ("str", _STR_FIELDS),
+    ):
+        if name in names:
+            return kind
+    return "int_list"
+
+
+def _check_keys(values: Mapping[str, Any], source: str) -> None:
+    unknown = sorted(str(k) for k in values if k not in _FIELD_NAMES)
+    if unknown:
+        noun = "setting" if len(unknown) == 1 else "settings"
+        raise ConfigError(
+            f"{source}: unknown {noun} {', '.join(repr(k) for k in unknown)}; "
+            f"valid settings are: {', '.join(_FIELD_NAMES)}"
+        )
+
+
+def _kind(name: str) -> str:
+    if name in _INT_FIELDS:
+        return "an integer"
+    if name in _FLOAT_FIELDS:
+        return "a number"
+    if name in _BOOL_FIELDS:
+        return "true or false"
+    if name in _STR_FIELDS:
+        return "a string"
+    return "a list of integers"
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """``value`` in the canonical type of field ``name``, or a ConfigError."""
+    if value is None and name in _OPTIONAL_FIELDS:
+        return None
+    bad = ConfigError(f"{name} must be {_kind(name)}, got {value!r} ({type(value).__name__})")
+    if name in _INT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return int(value)
+    if name in _FLOAT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        return float(value)
+    if name in _BOOL_FIELDS:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if name in _STR_FIELDS:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    # milestones
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise bad
+    items = tuple(value)
+    if any(isinstance(m, bool) or not isinstance(m, int) for m in items):
+        raise bad
+    return tuple(int(m) for m in items)
+
+
+def _validate(cfg: TrainConfig) -> None:
+    """Range checks and name look-ups; raises ConfigError on the first problem."""
+
+    def need(ok: bool, name: str, expected: str) -> None:
+        if not ok:
+            raise ConfigError(f"{name} must be {expected}, got {getattr(cfg, name)!r}")
+
+    for name in ("epochs", "batch_size", "eval_batch_size", "train_size", "test_size", "image_size"):
+        need(getattr(cfg, name) > 0, name, "a positive integer")
+    need(cfg.lr > 0, "lr", "a positive number")
+    need(cfg.width > 0, "width", "a positive number")
+    need(0.0 <= cfg.momentum < 1.0, "momentum", "in [0, 1)")
+    need(cfg.weight_decay >= 0, "weight_decay", "a non-negative number")
+    need(0.0 <= cfg.label_smoothing < 1.0, "label_smoothing", "in [0, 1)")
+    need(cfg.gamma > 0, "gamma", "a positive number")
+    need(0 <= cfg.warmup_epochs <= cfg.epochs, "warmup_epochs", f"between 0 and epochs ({cfg.epochs})")
+    need(cfg.seed >= 0, "seed", "a non-negative integer")
+    need(cfg.num_classes is None or cfg.num_classes >= 2, "num_classes", "at least 2 (or unset)")
+    need(not cfg.nesterov or cfg.momentum > 0, "nesterov", "false when momentum is 0")
+    need(
+        all(m > 0 for m in cfg.milestones) and list(cfg.milestones) == sorted(set(cfg.milestones)),
+        "milestones",
+        "strictly increasing positive epochs",
+    )
+    need(cfg.run_dir is None or cfg.run_dir.strip() != "", "run_dir", "a directory path (or unset)")
+    need(cfg.data_root is None or cfg.data_root.strip() != "", "data_root", "a directory path (or unset)")
+
+    from reference.data import DATASET_NAMES
+    from reference.models import MODEL_NAMES
+    from reference.schedules import SCHEDULE_NAMES, build_schedule
+
+    for name, valid in (("model", MODEL_NAMES), ("dataset", DATASET_NAMES), ("schedule", SCHEDULE_NAMES)):
+        if getattr(cfg, name) not in valid:
+            raise ConfigError(f"unknown {name} {getattr(cfg, name)!r}; expected one of: {', '.join(valid)}")
+    if cfg.dataset not in _BUILTIN_DATASETS and cfg.data_root is None:
+        raise ConfigError(
+            f"dataset {cfg.dataset!r} needs data_root (--data-root DIR): the directory holding its files"
+        )
+    # The schedule checks how its options fit together (milestones inside the run, ...).
+    build_schedule(
+        cfg.schedule,
+        cfg.lr,
+        cfg.epochs,
+        warmup_epochs=cfg.warmup_epochs,
+        per_step=cfg.per_step,
+        milestones=cfg.milestones,
+        gamma=cfg.gamma,
+    )
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+
+
+# ---------------------------------------------------------------------------
+# Reading files and merging layers
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """The settings in a TOML file, checked against the known field names and kinds.
+
+    Returns only the keys present in the file (a layer to merge, see
+    :func:`resolve_config`). A ``[train]`` table may hold the settings instead of
+    the top level.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory, expected a .toml file")
+    try:
+        with open(path, "rb") as fh:
+            values = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror or exc}") from None
+    if set(values) == {"train"} and isinstance(values["train"], dict):
+        values = values["train"]
+    _check_keys(values, f"config file {str(path)!r}")
+    checked = {}
+    for name, value in values.items():
+        try:
+            checked[name] = _coerce(name, value)
+        except ConfigError as exc:
+            raise ConfigError(f"config file {str(path)!r}: {exc}") from None
+    return checked
+
+
+def resolve_config(
+    config_file: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    base: TrainConfig | Mapping[str, Any] | None = None,
+) -> TrainConfig:
+    """Merge the layers ``base`` (default: the defaults) < ``config_file`` < ``overrides``."""
+    if base is None:
+        values: dict[str, Any] = {}
+    elif isinstance(base, TrainConfig):
+        values = base.to_dict()
+    else:
+        _check_keys(base, "base config")
+        values = dict(base)
+    if config_file is not None:
+        values.update(load_toml(config_file))
+    if overrides:
+        _check_keys(overrides, "overrides")
+        values.update(overrides)
+    return TrainConfig.from_dict(values)

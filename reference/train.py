@@ -1,0 +1,504 @@
+"""The training loop: data, model, optimizer and schedule from one TrainConfig.
+
+One call to :func:`train` runs (or resumes) a whole run::
+
+    for epoch in range(start, epochs):
+        lr = schedule(epoch, ...)                       per epoch, or per step
+        for each batch (order and augmentation from default_rng([seed, epoch])):
+            loss = cross_entropy(model(x), y)           non-finite -> DivergenceError
+            zero_grad; backward; optimizer step
+        evaluate on the test split (eval mode, no_grad, in batches)
+        write metrics and the checkpoint (atomically)
+
+Exact resume: every epoch draws its randomness from a generator seeded with
+``(seed, epoch)`` and nothing else random happens during training, so a run
+resumed from the checkpoint written after epoch ``k`` repeats epochs
+``k+1, ...`` exactly; its final weights are bit-identical to those of an
+uninterrupted run.
+
+The run directory holds::
+
+    config.json, config.toml   the resolved configuration
+    metrics.jsonl, metrics.csv one row per epoch (see METRIC_COLUMNS)
+    checkpoint.npz             the latest epoch (rewritten atomically each epoch)
+    best.npz                   the epoch with the best test accuracy so far
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import io
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reference.autodiff import Tensor, no_grad
+from reference.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, temporary_name
+from reference.config import TrainConfig
+from reference.errors import CheckpointError, ConfigError, DataError, DivergenceError
+from reference.functional import softmax_cross_entropy
+
+__all__ = [
+    "METRIC_COLUMNS",
+    "TrainResult",
+    "build_data",
+    "build_model_for",
+    "evaluate",
+    "param_groups",
+    "train",
+]
+
+METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds")
+
+# Settings that may change when a run is resumed: they do not affect the
+# numbers computed in the epochs already done (``epochs`` extends or shortens
+# the run; with the cosine schedule that changes the remaining learning rates).
+RESUMABLE_CHANGES = frozenset({"epochs", "run_dir", "progress", "eval_batch_size", "data_root"})
+
+Log = Callable[[str], Any]
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a finished (or resumed-and-finished) run produced."""
+
+    config: TrainConfig
+    model: Any  # reference.nn.Module
+    metrics: dict[str, float]  # the last epoch's row
+    history: list[dict[str, float]]  # one row per epoch, from the first
+    best_acc: float
+    best_epoch: int
+    run_dir: Path
+    seconds: float  # wall time of this call
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.run_dir / "checkpoint.npz"
+
+
+# ---------------------------------------------------------------------------
+# Building blocks
+
+
+def build_data(config: TrainConfig, *, data_root: str | None = None):
+    """The data set named by ``config`` (``data_root`` overrides ``config.data_root``)."""
+    from reference.data import load_dataset
+
+    size = config.image_size
+    return load_dataset(
+        config.dataset,
+        root=data_root if data_root is not None else config.data_root,
+        seed=config.seed,
+        image_shape=(3, size, size),
+        num_classes=config.num_classes if config.num_classes is not None else 10,
+        train_size=config.train_size,
+        test_size=config.test_size,
+    )
+
+
+def _num_classes(config: TrainConfig, data) -> int:
+    if config.num_classes is None:
+        return int(data.num_classes)
+    if config.num_classes < data.num_classes:
+        raise ConfigError(
+            f"num_classes must be at least {data.num_classes} (the classes of data set "
+            f"{config.dataset!r}), got {config.num_classes}"
+        )
+    return config.num_classes
+
+
+def build_model_for(config: TrainConfig, data):
+    """The model named by ``config``, sized for ``data``, initialised from ``config.seed``."""
+    from reference.models import build_model
+
+    return build_model(
+        config.model,
+        num_classes=_num_classes(config, data),
+        in_channels=int(data.x_train.shape[1]),
+        width=config.width,
+        rng=np.random.default_rng([config.seed, 1 << 20]),
+        dtype=np.float32,
+    )
+
+
+def param_groups(model, config: TrainConfig) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups.
+
+    One group, with the configured weight decay on every parameter. Methods
+    that treat some parameters differently (no decay on thresholds or batch
+    norm) split this list; the group names are stored in checkpoints.
+    """
+    return [{"params": list(model.parameters()), "weight_decay": config.weight_decay, "name": "all"}]
+
+
+def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
+    """The only source of randomness of epoch ``epoch`` (0-based): order and augmentation."""
+    return np.random.default_rng([seed, epoch])
+
+
+# ---------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate(model, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> tuple[float, float]:
+    """Mean cross-entropy and top-1 accuracy of ``model`` on ``(x, y)``.
+
+    Runs in evaluation mode under ``no_grad`` in batches of ``batch_size``;
+    the model's previous mode is restored afterwards.
+    """
+    if len(x) != len(y):
+        raise DataError(f"evaluate: {len(x)} images but {len(y)} labels")
+    if len(x) == 0:
+        raise DataError("evaluate: the evaluation split is empty")
+    if batch_size <= 0:
+        raise ConfigError(f"eval batch size must be a positive integer, got {batch_size!r}")
+    was_training = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    try:
+        with no_grad():
+            for start in range(0, len(x), batch_size):
+                xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+                logits = model(Tensor(xb))
+                loss = softmax_cross_entropy(logits, yb)
+                total_loss += loss.item() * len(yb)
+                correct += int((np.asarray(logits.numpy()).argmax(axis=1) == yb).sum())
+    finally:
+        model.train(was_training)
+    return total_loss / len(x), correct / len(x)
+
+
+# ---------------------------------------------------------------------------
+# Run directory
+
+
+def _default_run_dir(config: TrainConfig) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{config.model}-{config.dataset}-{stamp}"
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
+def _check_run_dir(run_dir: Path, resuming: bool) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir {str(run_dir)!r} exists and is not a directory")
+    if not resuming and (run_dir / "checkpoint.npz").exists():
+        raise ConfigError(
+            f"run_dir {str(run_dir)!r} already holds a run (checkpoint.npz); choose another run directory "
+            f"or continue it with --resume {str(run_dir / 'checkpoint.npz')!r}"
+        )
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Replace ``path``'s contents with ``text`` atomically (temporary file, then rename)."""
+    tmp = path.parent / temporary_name(path.name)
+    try:
+        with open(tmp, "x", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _write_metrics(run_dir: Path, history: list[dict[str, float]]) -> None:
+    _write_text(run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    _write_text(run_dir / "metrics.csv", buf.getvalue())
+
+
+def _write_config(run_dir: Path, config: TrainConfig) -> None:
+    _write_text(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+    _write_text(run_dir / "config.toml", config.to_toml())
+
+
+# ---------------------------------------------------------------------------
+# Resume
+
+
+def _check_resume_config(saved: TrainConfig, config: TrainConfig, path: Path) -> None:
+    changed = [
+        f.name
+        for f in dataclasses.fields(TrainConfig)
+        if f.name not in RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(config, f.name)
+    ]
+    if changed:
+        details = ", ".join(
+            f"{n}={getattr(config, n)!r} (checkpoint: {getattr(saved, n)!r})" for n in changed
+        )
+        raise ConfigError(
+            f"cannot resume {str(path)!r} with different settings: {details}; "
+            f"only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume"
+        )
+
+
+def _saved_config(ckpt: Checkpoint) -> TrainConfig:
+    try:
+        return TrainConfig.from_dict(ckpt.config, source=f"checkpoint {str(ckpt.path)!r} config")
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint {str(ckpt.path)!r} holds an unusable config: {exc}") from None
+
+
+# ---------------------------------------------------------------------------
+# Training
+
+
+def _progress_enabled(config: TrainConfig) -> bool:
+    return config.progress and sys.stderr.isatty()
+
+
+def _train_epoch(model, optimizer, schedule, data, config: TrainConfig, epoch: int):
+    """One epoch of SGD; returns (lr at the first step, mean loss, accuracy)."""
+    from tqdm import tqdm
+
+    from reference.data import iterate_batches, num_batches
+
+    n = len(data.x_train)
+    steps = num_batches(n, config.batch_size, drop_last=False)
+    batches = iterate_batches(
+        data.x_train,
+        data.y_train,
+        config.batch_size,
+        shuffle=True,
+        rng=_epoch_rng(config.seed, epoch),
+        augment=data.augment if config.augment else None,
+        drop_last=False,
+    )
+    bar = tqdm(
+        batches,
+        total=steps,
+        desc=f"epoch {epoch + 1}/{config.epochs}",
+        unit="batch",
+        leave=False,
+        disable=not _progress_enabled(config),
+    )
+    first_lr = schedule(epoch, 0, steps)
+    optimizer.set_lr(first_lr)
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    try:
+        for step, (xb, yb) in enumerate(bar):
+            if config.per_step:
+                optimizer.set_lr(schedule(epoch, step, steps))
+            logits = model(Tensor(xb))
+            loss = softmax_cross_entropy(logits, yb, label_smoothing=config.label_smoothing)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise DivergenceError(
+                    f"training diverged at epoch {epoch + 1}, step {step + 1}: the loss is {value} "
+                    f"(lr {optimizer.param_groups[0]['lr']:g}); try a smaller lr"
+                )
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total_loss += value * len(yb)
+            correct += int((np.asarray(logits.numpy()).argmax(axis=1) == yb).sum())
+            seen += len(yb)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{total_loss / seen:.4f}", refresh=False)
+    finally:
+        bar.close()
+    return first_lr, total_loss / max(seen, 1), correct / max(seen, 1)
+
+
+def train(
+    config: TrainConfig,
+    *,
+    resume: str | Path | Checkpoint | None = None,
+    log: Log = print,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train (or resume) the run described by ``config``; see the module docstring.
+
+    ``resume`` is a checkpoint (path or loaded) to continue from: its model, optimizer, epoch
+    and metrics history are restored, and training goes on to
+    ``config.epochs``. Only the settings in :data:`RESUMABLE_CHANGES` may
+    differ from the checkpoint's config.
+
+    ``stop_after`` ends this call after that many epochs have been completed in
+    total (an interruption at an epoch boundary, as if the process had been
+    stopped there); ``config.epochs`` still defines the schedule.
+
+    Every problem with the input (config, data, checkpoint) is raised before
+    the run directory is created or touched.
+    """
+    if not isinstance(config, TrainConfig):
+        raise ConfigError(f"train() expects a TrainConfig, got {type(config).__name__}")
+    if stop_after is not None and (
+        isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1
+    ):
+        raise ConfigError(f"stop_after must be a positive integer, got {stop_after!r}")
+    t_start = time.perf_counter()
+
+    # 1. Everything that can fail on bad input, before writing anything.
+    ckpt = None
+    if resume is not None:
+        ckpt = resume if isinstance(resume, Checkpoint) else load_checkpoint(resume)
+        _check_resume_config(_saved_config(ckpt), config, ckpt.path)
+    data = build_data(config)
+    model = build_model_for(config, data)
+    from reference.optim import SGD
+    from reference.schedules import build_schedule
+
+    optimizer = SGD(
+        param_groups(model, config),
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+        weight_decay=config.weight_decay,
+    )
+    schedule = build_schedule(
+        config.schedule,
+        config.lr,
+        config.epochs,
+        warmup_epochs=config.warmup_epochs,
+        per_step=config.per_step,
+        milestones=config.milestones,
+        gamma=config.gamma,
+    )
+    history: list[dict[str, float]] = []
+    start_epoch, best_acc, best_epoch = 0, -1.0, 0
+    if ckpt is not None:
+        where = str(ckpt.path)
+        try:
+            model.load_state_dict(ckpt.model_state, strict=True)
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"checkpoint {where!r} does not fit model {config.model!r}: {exc}"
+            ) from None
+        try:
+            optimizer.load_state_dict(ckpt.optimizer_state)
+        except (ConfigError, TypeError, KeyError, AttributeError) as exc:
+            raise CheckpointError(f"checkpoint {where!r}: optimizer state does not fit: {exc}") from None
+        start_epoch = ckpt.epoch
+        history = [dict(row) for row in ckpt.metrics]
+        extra = ckpt.extra if isinstance(ckpt.extra, dict) else {}
+        best_acc = float(extra.get("best_acc", max((r["test_acc"] for r in history), default=-1.0)))
+        best_epoch = int(extra.get("best_epoch", 0))
+
+    run_dir = Path(config.run_dir) if config.run_dir is not None else _default_run_dir(config)
+    _check_run_dir(run_dir, resuming=ckpt is not None)
+    config = config.replace(run_dir=str(run_dir))
+
+    # 2. The run directory and the loop.
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_config(run_dir, config)
+    except OSError as exc:
+        raise ConfigError(f"cannot write to run_dir {str(run_dir)!r}: {exc.strerror or exc}") from None
+    if history:
+        _write_metrics(run_dir, history)
+    checkpoint_path = run_dir / "checkpoint.npz"
+    end_epoch = config.epochs if stop_after is None else min(config.epochs, stop_after)
+    if ckpt is not None:
+        log(f"resuming {str(ckpt.path)!r} after epoch {start_epoch} of {config.epochs}")
+    log(
+        f"training {config.model} on {config.dataset} ({len(data.x_train)} train / {len(data.x_test)} test "
+        f"images of shape {tuple(data.x_train.shape[1:])}) for {config.epochs} epochs; run dir {str(run_dir)!r}"
+    )
+
+    for epoch in range(start_epoch, end_epoch):
+        t_epoch = time.perf_counter()
+        try:
+            lr, train_loss, train_acc = _train_epoch(model, optimizer, schedule, data, config, epoch)
+        except DivergenceError as exc:
+            if checkpoint_path.exists() and epoch > 0:
+                raise DivergenceError(
+                    f"{exc}; the last good checkpoint is {str(checkpoint_path)!r}"
+                ) from None
+            raise
+        except KeyboardInterrupt:
+            if epoch > 0 and checkpoint_path.exists():
+                log(f"interrupted in epoch {epoch + 1}; continue with --resume {str(checkpoint_path)!r}")
+            raise
+        test_loss, test_acc = evaluate(model, data.x_test, data.y_test, config.eval_batch_size)
+        if not math.isfinite(test_loss):  # the last update broke the weights: keep the old checkpoint
+            last_good = (
+                f"; the last good checkpoint is {str(checkpoint_path)!r}" if checkpoint_path.exists() else ""
+            )
+            raise DivergenceError(
+                f"training diverged at epoch {epoch + 1}: the test loss after the epoch is {test_loss} "
+                f"(lr {optimizer.param_groups[0]['lr']:g}); try a smaller lr{last_good}"
+            )
+        row = {
+            "epoch": epoch + 1,
+            "lr": float(lr),
+            "train_loss": float(train_loss),
+            "train_acc": float(train_acc),
+            "test_loss": float(test_loss),
+            "test_acc": float(test_acc),
+            "seconds": round(time.perf_counter() - t_epoch, 3),
+        }
+        history.append(row)
+        improved = test_acc > best_acc
+        if improved:
+            best_acc, best_epoch = test_acc, epoch + 1
+        state = {
+            "model_state": model.state_dict(),
+            "optimizer_state": optimizer.state_dict(),
+            "config": config,
+            "epoch": epoch + 1,
+            "metrics": history,
+            "extra": {
+                "best_acc": best_acc,
+                "best_epoch": best_epoch,
+                "rng": {"seed": config.seed, "epoch": epoch + 1},
+            },
+        }
+        save_checkpoint(checkpoint_path, **state)
+        if improved:
+            save_checkpoint(run_dir / "best.npz", **state)
+        _write_metrics(run_dir, history)
+        log(
+            f"epoch {epoch + 1:>3}/{config.epochs}  lr {lr:.4g}  train loss {train_loss:.4f} acc {train_acc:.2%}  "
+            f"test loss {test_loss:.4f} acc {test_acc:.2%}  ({row['seconds']:.1f}s)"
+        )
+
+    seconds = time.perf_counter() - t_start
+    if history:
+        metrics = dict(history[-1])
+    else:  # nothing left to train: report the restored model as it is
+        test_loss, test_acc = evaluate(model, data.x_test, data.y_test, config.eval_batch_size)
+        metrics = {"epoch": start_epoch, "test_loss": test_loss, "test_acc": test_acc}
+    result = TrainResult(
+        config=config,
+        model=model,
+        metrics=metrics,
+        history=history,
+        best_acc=max(best_acc, 0.0),
+        best_epoch=best_epoch,
+        run_dir=run_dir,
+        seconds=seconds,
+    )
+    _summary(result, data, log)
+    return result
+
+
+def _summary(result: TrainResult, data, log: Log) -> None:
+    from reference.accounting import summarize_model
+
+    m = result.metrics
+    log(
+        f"done: {m['epoch']} of {result.config.epochs} epochs, test accuracy {m['test_acc']:.2%} "
+        f"(best {result.best_acc:.2%} at epoch {result.best_epoch}), {result.seconds:.1f}s; "
+        f"checkpoint {str(result.checkpoint)!r}"
+    )
+    log(summarize_model(result.model, tuple(data.x_test.shape[1:])))
