@@ -68,8 +68,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             kwargs.update(type=_int_list, metavar="E1,E2,...", help=help_text)
         else:
             kind = {"int": int, "float": float}.get(field_kind(f.name), str)
-            shown = "unset" if default is None else default
-            kwargs.update(type=kind, metavar=f.name.upper(), help=f"{help_text} (default: {shown})")
+            shown = "" if "(default:" in help_text else f" (default: {default})"
+            kwargs.update(type=kind, metavar=f.name.upper(), help=help_text + shown)
         parser.add_argument(flag, **kwargs)
 
 

@@ -123,7 +123,7 @@ class TrainConfig:
 FIELD_HELP: dict[str, str] = {
     "model": "model name (see `learnsparse info`)",
     "dataset": "data set name",
-    "data_root": "directory holding the data set files (cifar10, imagefolder)",
+    "data_root": "directory holding the data set files, for cifar10 (default: none)",
     "num_classes": "number of classes (default: taken from the data set)",
     "width": "channel width multiplier of the model",
     "image_size": "side of the square images of the synthetic data set",
