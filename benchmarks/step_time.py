@@ -527,12 +527,16 @@ def _worker_check(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _worker_numpy(spec: dict[str, Any]) -> dict[str, Any]:
+    from reference.runtime import keep_freed_memory
+
+    kept = keep_freed_memory()  # as `learnsparse train` does
     workload = Workload(**spec["workload"])
     model = _numpy_model(workload, _load_state(spec["state_path"]))
     batch = _load_state(spec["batch_path"])
     step = _numpy_step_fn(model)
     result = _time_steps(step, batch["x"], batch["labels"], spec["warmup"], spec["steps"])
     result["environment"] = _numpy_environment()
+    result["keep_freed_memory"] = kept
     return result
 
 
@@ -571,6 +575,9 @@ def _worker_profile(spec: dict[str, Any]) -> dict[str, Any]:
     import cProfile
     import pstats
 
+    from reference.runtime import keep_freed_memory
+
+    keep_freed_memory()
     workload = Workload(**spec["workload"])
     model = _numpy_model(workload, _load_state(spec["state_path"]))
     batch = _load_state(spec["batch_path"])

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Callable, Iterator, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 __all__ = ["Tensor", "Node", "apply", "apply_with_cache", "no_grad", "is_grad_enabled", "as_array"]
 
@@ -60,7 +61,7 @@ class Node(NamedTuple):
     """One recorded op: how to send a gradient from its output to its inputs."""
 
     name: str
-    backward: Callable[..., tuple]
+    backward: Callable[..., tuple] | None  # None once a backward pass has freed the node
     cache: Any
     inputs: tuple  # Tensor for each input that needs a gradient, else None
 
@@ -123,11 +124,14 @@ class Tensor:
         return get() if callable(get) else self.data
 
     # --------------------------------------------------------------- backward
-    def backward(self, dy: Any = None) -> None:
+    def backward(self, dy: Any = None, retain_graph: bool = False) -> None:
         """Accumulate d(self)/d(leaf) * dy into ``leaf.grad`` for every leaf.
 
         ``dy`` defaults to 1 for a scalar; a non-scalar output needs an explicit
-        cotangent of its own shape.
+        cotangent of its own shape. Each node's cache (the activations its
+        backward needs) is released as soon as it has been used, so memory falls
+        during the backward pass; ``retain_graph=True`` keeps the graph for a
+        second backward through it.
         """
         if not self.requires_grad:
             raise RuntimeError("backward() called on a tensor that does not require a gradient")
@@ -149,13 +153,20 @@ class Tensor:
             if tensor.node is None:  # a leaf
                 tensor.grad = g if tensor.grad is None else tensor.grad + g
                 continue
-            input_grads = tensor.node.backward(g, tensor.node.cache)
-            if len(input_grads) != len(tensor.node.inputs):
+            node = tensor.node
+            if node.backward is None:
                 raise RuntimeError(
-                    f"{tensor.node.name}_backward returned {len(input_grads)} gradients "
-                    f"for {len(tensor.node.inputs)} inputs"
+                    f"backward() through '{node.name}' a second time, but the first call freed its "
+                    "cache; pass retain_graph=True to the first backward() to keep it"
                 )
-            for parent, g_in in zip(tensor.node.inputs, input_grads):
+            input_grads = node.backward(g, node.cache)
+            if len(input_grads) != len(node.inputs):
+                raise RuntimeError(
+                    f"{node.name}_backward returned {len(input_grads)} gradients for {len(node.inputs)} inputs"
+                )
+            if not retain_graph:
+                tensor.node = node._replace(backward=None, cache=None, inputs=())
+            for parent, g_in in zip(node.inputs, input_grads):
                 if parent is None or g_in is None:
                     continue
                 key = id(parent)

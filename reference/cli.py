@@ -113,7 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from reference.checkpoint import load_checkpoint
+    from reference.runtime import keep_freed_memory
     from reference.train import train
+
+    keep_freed_memory()
 
     overrides = {
         f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)

@@ -21,8 +21,9 @@ convention is pinned by its own test.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import autograd
 import numpy as np

@@ -60,7 +60,7 @@ def test_no_grad_records_nothing_and_restores_mode():
 
 def test_no_grad_restores_mode_after_an_exception():
     with pytest.raises(ZeroDivisionError), no_grad():
-        1 / 0
+        _ = 1 / 0
     assert is_grad_enabled()
 
 
@@ -111,3 +111,14 @@ def test_reduction_keepdims_and_axis_round_trip():
     assert y.shape == (3,)
     y.backward(np.array([1.0, 2.0, 3.0]))
     np.testing.assert_allclose(x.grad[1, 2], np.full(4, 3.0 / 8))
+
+
+def test_backward_frees_the_graph_unless_retained():
+    x = leaf([1.0, 2.0])
+    y = (x * x).sum()
+    y.backward(retain_graph=True)
+    y.backward()
+    np.testing.assert_array_equal(x.grad, 2 * (2 * x.data))
+    with pytest.raises(RuntimeError, match="retain_graph=True"):
+        y.backward()
+    assert y.node.cache is None and y.node.inputs == ()

@@ -49,10 +49,16 @@ def cifar_resnet_oracle(p, x, labels, blocks_per_stage):
         for i in range(blocks_per_stage):
             name = f"layer{stage}.{i}"
             stride = 2 if stage > 1 and i == 0 else 1
-            out = relu(bn(p, name + ".bn1", conv2d_oracle(x, p[name + ".conv1.weight"], stride=stride, padding=1)))
+            out = relu(
+                bn(p, name + ".bn1", conv2d_oracle(x, p[name + ".conv1.weight"], stride=stride, padding=1))
+            )
             out = bn(p, name + ".bn2", conv2d_oracle(out, p[name + ".conv2.weight"], padding=1))
             if name + ".downsample.0.weight" in p:
-                x = bn(p, name + ".downsample.1", conv2d_oracle(x, p[name + ".downsample.0.weight"], stride=stride))
+                x = bn(
+                    p,
+                    name + ".downsample.1",
+                    conv2d_oracle(x, p[name + ".downsample.0.weight"], stride=stride),
+                )
             x = relu(out + x)
     return head(p, x, labels)
 
@@ -65,7 +71,13 @@ def mobilenet_oracle(p, x, labels):
     for i in range(1, 14):
         name = f"features.{i}"
         w = p[name + ".dw.weight"]
-        x = relu(bn(p, name + ".dw_bn", conv2d_oracle(x, w, stride=MOBILENET_STRIDES[i], padding=1, groups=w.shape[0])))
+        x = relu(
+            bn(
+                p,
+                name + ".dw_bn",
+                conv2d_oracle(x, w, stride=MOBILENET_STRIDES[i], padding=1, groups=w.shape[0]),
+            )
+        )
         x = relu(bn(p, name + ".pw_bn", conv2d_oracle(x, p[name + ".pw.weight"])))
     return head(p, x, labels)
 

@@ -130,7 +130,8 @@ def test_cross_entropy_is_invariant_to_a_per_row_constant(e):
     np.testing.assert_allclose(loss_a, loss_b, rtol=1e-10)
     dy = np.asarray(rng.standard_normal())
     np.testing.assert_allclose(
-        softmax_cross_entropy_backward(dy, cache_a)[0], softmax_cross_entropy_backward(dy, cache_b)[0],
+        softmax_cross_entropy_backward(dy, cache_a)[0],
+        softmax_cross_entropy_backward(dy, cache_b)[0],
         atol=1e-12,
     )
 

@@ -89,8 +89,16 @@ def _per_channel(v: np.ndarray, ndim: int) -> np.ndarray:
 
 
 def _channel_sum(v: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
-    """Per-channel sum over ``axes``, accumulated in float64: (N, C, ...) -> (C,)."""
-    return v.sum(axis=axes, dtype=_ACC)
+    """Per-channel sum over ``axes``, accumulated in float64: (N, C, ...) -> (C,).
+
+    Summing the batch axis first leaves a contiguous (C, rest) block whose rows
+    reduce quickly; one reduction over the non-contiguous axes (0, 2, 3) is
+    several times slower for small spatial sizes.
+    """
+    if len(axes) == 1:
+        return v.sum(axis=0, dtype=_ACC)
+    per_sample = v.sum(axis=0, dtype=_ACC)  # (N, C, H, W) -> (C, H, W)
+    return per_sample.reshape(per_sample.shape[0], -1).sum(axis=1)  # (C, H, W) -> (C, H*W) -> (C,)
 
 
 def batch_norm_forward(
@@ -124,24 +132,26 @@ def batch_norm_forward(
                 f"batch_norm in training mode needs at least one entry per channel, got {tuple(x.shape)}"
             )
         mean = (_channel_sum(x, axes) / count).astype(dtype)  # (1)
-        centred = x - _per_channel(mean, x.ndim)
-        var64 = _channel_sum(centred * centred, axes) / count  # (2), second pass
+        xhat = x - _per_channel(mean, x.ndim)  # x - mu, scaled to xhat below
+        scratch = np.square(xhat)
+        var64 = _channel_sum(scratch, axes) / count  # (2), second pass
         var = var64.astype(dtype)
         inv_std = (1.0 / np.sqrt(var64 + eps)).astype(dtype)  # (3)
     else:
         mean = np.asarray(running_mean).astype(dtype)
         var = np.asarray(running_var).astype(dtype)
-        centred = x - _per_channel(mean, x.ndim)
+        xhat = x - _per_channel(mean, x.ndim)
+        scratch = None
         inv_std = (1.0 / np.sqrt(np.asarray(running_var, dtype=_ACC) + eps)).astype(dtype)  # (3)
-    xhat = centred * _per_channel(inv_std, x.ndim)  # (4)
+    xhat *= _per_channel(inv_std, x.ndim)  # (4), in place: full-size temporaries are the cost here
 
-    y = xhat
+    y = np.empty_like(xhat) if scratch is None else scratch  # the squares are no longer needed
     if gamma is not None:
-        y = y * _per_channel(gamma.astype(dtype, copy=False), x.ndim)  # (5)
+        np.multiply(xhat, _per_channel(gamma.astype(dtype, copy=False), x.ndim), out=y)  # (5)
+    else:
+        y[...] = xhat
     if beta is not None:
-        y = y + _per_channel(beta.astype(dtype, copy=False), x.ndim)  # (5)
-    if y is xhat:
-        y = xhat.copy()
+        y += _per_channel(beta.astype(dtype, copy=False), x.ndim)  # (5)
     cache = BatchNormCache(
         xhat, inv_std, gamma, None if beta is None else beta.dtype, mean, var, bool(training), count
     )
@@ -154,14 +164,19 @@ def batch_norm_backward(dy: np.ndarray, cache: BatchNormCache):
     axes = _channel_axes(ndim)
 
     dbeta64 = _channel_sum(dy, axes)  # (6)
-    dgamma64 = _channel_sum(dy * xhat, axes)  # (7)
+    work = dy * xhat
+    dgamma64 = _channel_sum(work, axes)  # (7)
     scale = inv_std if gamma is None else gamma.astype(dtype, copy=False) * inv_std  # gamma s, (8)
     if training:
         dy_mean = _per_channel((dbeta64 / count).astype(dtype), ndim)
         dyxhat_mean = _per_channel((dgamma64 / count).astype(dtype), ndim)
-        dx = _per_channel(scale, ndim) * (dy - dy_mean - xhat * dyxhat_mean)  # (10)
+        # (10), evaluated in place in one full-size buffer
+        dx = np.multiply(xhat, dyxhat_mean, out=work)
+        np.subtract(dy, dx, out=dx)
+        dx -= dy_mean
+        dx *= _per_channel(scale, ndim)
     else:
-        dx = _per_channel(scale, ndim) * dy  # (9)
+        dx = np.multiply(dy, _per_channel(scale, ndim), out=work)  # (9)
 
     dgamma = None if gamma is None else dgamma64.astype(gamma.dtype)
     dbeta = None if beta_dtype is None else dbeta64.astype(beta_dtype)

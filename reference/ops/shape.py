@@ -1,6 +1,6 @@
 """Reshape (flatten is a reshape).
 
-    y = reshape(x, shape)        dx = reshape(dy, x.shape)                   (1)
+y = reshape(x, shape)        dx = reshape(dy, x.shape)                   (1)
 """
 
 from __future__ import annotations

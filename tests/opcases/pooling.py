@@ -94,9 +94,7 @@ def _global_draw(data):
 
 CASES = [
     OpCase("max_pool2d", _pool_draw(_distinct), max_pool2d_oracle, wrt=(0,)),
-    OpCase(
-        "max_pool2d", _pool_draw(_distinct, kernel=st.just(3)), max_pool2d_oracle, wrt=(0,), label="3x3"
-    ),
+    OpCase("max_pool2d", _pool_draw(_distinct, kernel=st.just(3)), max_pool2d_oracle, wrt=(0,), label="3x3"),
     OpCase("avg_pool2d", _pool_draw(_normal), avg_pool2d_oracle, wrt=(0,)),
     OpCase("global_avg_pool2d", _global_draw, lambda x: anp.mean(x, axis=(2, 3)), wrt=(0,)),
 ]
