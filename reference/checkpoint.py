@@ -64,13 +64,10 @@ class Checkpoint:
 
 
 def library_version() -> str:
-    """The installed distribution's version, or ``"unknown"`` when run from a source tree."""
-    try:
-        from importlib.metadata import PackageNotFoundError, version
+    """The library's version, recorded in every checkpoint."""
+    from reference import __version__
 
-        return version("learnsparse")
-    except PackageNotFoundError:
-        return "unknown"
+    return __version__
 
 
 # ---------------------------------------------------------------------------
