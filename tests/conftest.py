@@ -13,7 +13,7 @@ import os
 from hypothesis import HealthCheck, settings
 
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("ci", max_examples=15, derandomize=True, **_common)
+settings.register_profile("ci", max_examples=40, derandomize=True, **_common)
 settings.register_profile("dev", max_examples=60, **_common)
 settings.register_profile("thorough", max_examples=500, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
