@@ -1,10 +1,10 @@
 """Conv and pooling beyond the generic op table: the max-pool kink, -inf padding,
-the depthwise and stride-1 shortcuts against the general path, dtypes and argument errors."""
+the depthwise, channels-last depthwise, shift and stride-1 shortcuts against the
+general path, dtypes and argument errors."""
 
 import numpy as np
 import pytest
 
-from reference.ops import conv as conv_ops
 from reference.ops import (
     avg_pool2d_backward,
     avg_pool2d_forward,
@@ -15,6 +15,7 @@ from reference.ops import (
     max_pool2d_backward,
     max_pool2d_forward,
 )
+from reference.ops import conv as conv_ops
 from tests.opcases.conv import conv2d_oracle
 
 # ------------------------------------------------------------------ max-pool kink
@@ -97,13 +98,49 @@ def test_depthwise_path_equals_general_grouped_path(multiplier, stride, padding,
         np.testing.assert_allclose(g, g_ref, rtol=1e-12, atol=1e-12)
 
 
+def _assert_paths_agree(x, w, b, stride, padding, groups, path):
+    """``conv2d_forward`` takes ``path`` here and agrees with the general path, forward and backward."""
+    rng = np.random.default_rng(7)
+    y, cache = conv2d_forward(x, w, b, stride=stride, padding=padding, groups=groups)
+    assert cache.path == path
+    y_ref, cache_ref = _general(x, w, b, stride, padding, groups)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+    dy = rng.standard_normal(y.shape)
+    for g, g_ref in zip(conv2d_backward(dy, cache), conv2d_backward(dy, cache_ref)):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("padding, kernel", [(1, (3, 3)), (0, (3, 3)), ((2, 0), (3, 2)), (2, (5, 5))])
+def test_shift_path_equals_general_path(padding, kernel):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 20, 19))
+    w = rng.standard_normal((4, 3, *kernel))
+    _assert_paths_agree(x, w, rng.standard_normal(4), 1, padding, 1, "shift")
+
+
+@pytest.mark.parametrize("multiplier", [1, 2])
+@pytest.mark.parametrize("stride, padding", [(1, 1), (2, 1), ((2, 1), (0, 2))])
+def test_channels_last_depthwise_path_equals_general_path(multiplier, stride, padding):
+    rng = np.random.default_rng(multiplier)
+    c = 16
+    x = rng.standard_normal((2, c, 5, 2))
+    w = rng.standard_normal((c * multiplier, 1, 3, 3))
+    _assert_paths_agree(x, w, rng.standard_normal(c * multiplier), stride, padding, c, "depthwise-cl")
+
+
+def test_small_padded_convs_keep_the_general_path():
+    # the padded 7x7 grid is 1.96x the 5x5 output grid: computing over it would waste too much
+    y, cache = conv2d_forward(np.ones((1, 2, 5, 5)), np.ones((2, 2, 3, 3)), padding=1)
+    assert cache.path == "general"
+
+
 @pytest.mark.parametrize("padding", [0, 1, 2, (2, 0)])
 @pytest.mark.parametrize("groups", [1, 2])
 def test_stride1_transposed_dx_equals_col2im(padding, groups):
     rng = np.random.default_rng(groups)
     x = rng.standard_normal((2, 4, 6, 5))
     w = rng.standard_normal((6, 4 // groups, 3, 3))
-    y, cache = conv2d_forward(x, w, stride=1, padding=padding, groups=groups)
+    y, cache = _general(x, w, None, 1, padding, groups)
     dy = rng.standard_normal(y.shape)
     # (N, O, Ho, Wo) -> (N, G, Og, Ho*Wo)
     dy_g = dy.reshape(2, groups, 6 // groups, -1)
@@ -134,6 +171,8 @@ _CONVS = {
     "general-stride2": ((2, 4, 6, 6), (5, 4, 3, 3), dict(stride=2, padding=1)),
     "grouped": ((2, 4, 6, 6), (6, 2, 3, 3), dict(padding=1, groups=2)),
     "depthwise": ((2, 4, 6, 6), (8, 1, 3, 3), dict(padding=1, groups=4)),
+    "depthwise-cl": ((2, 16, 4, 4), (16, 1, 3, 3), dict(padding=1, groups=16)),
+    "shift": ((2, 4, 12, 12), (5, 4, 3, 3), dict(stride=1, padding=1)),
     "pointwise": ((2, 4, 6, 6), (5, 4, 1, 1), dict(stride=2)),
 }
 

@@ -33,10 +33,35 @@ flipped in space and transposed in its channel axes, group by group::
 which runs as im2col of ``dyp`` and one GEMM, writing ``dx`` in NCHW directly
 instead of scattering a kh kw times larger ``dX``.
 
-Two shapes get their own path (same equations, less work):
+Four shapes get their own path (same equations, less work); which one runs is
+decided by the shape alone, in :func:`conv2d_forward`:
 
 - pointwise (1x1, G = 1): ``X[n]`` is ``xp[n, :, ::sh, ::sw]`` as (C, Ho Wo),
   no window gather; (5) writes ``dX[n]`` back to ``dxp[n, :, ::sh, ::sw]``.
+- shift (G = 1, stride 1, and the padded grid ``Hp Wp`` at most 1.6 times the
+  output grid ``Ho Wo``; every stride-1 3x3 conv of ResNet-20): lay ``xp`` out
+  channel-major and flatten it, ``xf[c, t]`` with ``t = n Hp Wp + i' Wp + j'``
+  (T = N Hp Wp positions). Window offset (p, q) is then a shift of ``t`` by
+  ``s_pq = p Wp + q``, so (1) holds at every ``t`` of the padded grid, and the
+  valid outputs are those with ``i < Ho, j < Wo``::
+
+      yf[o, t] = sum_{c, p, q} w[o,c,p,q] xf[c, t + s_pq],   y[n,o,i,j] = yf[o, n Hp Wp + i Wp + j]  (9)
+
+  Each column block of X in (2) is kh kw contiguous slices of ``xf`` (a
+  memcpy, not a window gather) and Y is one 2-D GEMM per block of
+  ``_CHUNK_COLUMNS`` positions; the blocks stay in cache and are gathered
+  again in the backward, so the cache holds ``xp`` (not the kh kw times larger
+  X). (4) is the same with ``dyf``, ``dy`` placed on the padded grid with zeros
+  at the cropped positions; (6) in flat form reads ``dyf`` at ``t - s_pq``::
+
+      dw[o,c,p,q] = sum_t dyf[o, t] xf[c, t + s_pq]                                            (10)
+      dxf[c, t] = sum_{o, p, q} w[o,c,p,q] dyf[o, t - s_pq],   dx = dxf at i' = a + ph, j' = b + pw   (11)
+
+  The price is computing (9) and (11) at the Hp Wp - Ho Wo cropped positions
+  too, hence the 1.6 bound: 8x8 padded to 10x10 (56 % more GEMM work) still
+  measured faster in the training step than the general path's kh kw times
+  larger X, which a fresh step must fault in. Smaller images (4x4 padded to 6x6 would
+  waste 125 %) keep the general path; that cut-off is a judgement, not a measurement.
 - depthwise (G = C > 1, O = C m for a channel multiplier m): with Cg = 1 the
   GEMM in (2) degenerates, so (1) runs as a multiply-accumulate over the kh kw
   offsets of strided views of ``xp``, and (4), (5) as::
@@ -44,13 +69,21 @@ Two shapes get their own path (same equations, less work):
       dw[c m + k, 0, p, q] = sum_{n,i,j} dy[n, c m + k, i, j] xp[n, c, i sh + p, j sw + q]        (7)
       dxp[n, c, i sh + p, j sw + q] += sum_k w[c m + k, 0, p, q] dy[n, c m + k, i, j]          (8)
 
+  In NCHW the innermost loop of each multiply-accumulate spans only Wo (2 to 4
+  in MobileNet's deep layers), so when ``C >= 4 Wo`` the same loops run on
+  channels-last copies (N, Hp, Wp, C) of ``xp`` and ``dy``, innermost over C
+  (the "depthwise-cl" path; measured 2-7x faster there, 2-3x slower on the
+  8-channel 32x32 first layer).
+
 Convolution is linear in ``x``, ``w`` and ``b``: there are no kinks.
 
 Dtypes: the output and every gradient have ``x``'s dtype; ``w`` and ``b`` must
 match it (a float32 network stays float32).
 
 Memory: the general path caches the columns ``X`` (kh kw times the size of the
-strided input) so the backward pass does not gather them again.
+strided input) so the backward pass does not gather them again; the shift path
+caches ``xp`` only and gathers again, block by block (a block's gather costs
+much less than faulting in, or streaming through, a kh kw times larger array).
 """
 
 from __future__ import annotations
@@ -101,8 +134,10 @@ def _offset(p: int, s: int, n: int) -> slice:
 
 
 class Conv2dCache(NamedTuple):
-    path: str  # "general", "pointwise" or "depthwise"
-    saved: np.ndarray  # general: X (N, C, kh, kw, Ho, Wo); pointwise: X (N, C, Ho*Wo); depthwise: xp
+    path: str  # "general", "shift", "pointwise", "depthwise" or "depthwise-cl"
+    # general: X (N, C, kh, kw, Ho, Wo); shift: xp as (C, N, Hp, Wp); pointwise: X (N, C, Ho*Wo);
+    # depthwise: xp; depthwise-cl: xp as (N, Hp, Wp, C)
+    saved: np.ndarray
     w: np.ndarray
     x_shape: tuple[int, int, int, int]
     stride: tuple[int, int]
@@ -150,10 +185,15 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0, groups: int = 1):
     """
     stride, padding, out_hw = _check(x, w, b, stride, padding, groups)
     n_out, c_in_group, kh, kw = w.shape
+    padded_grid = (x.shape[2] + 2 * padding[0]) * (x.shape[3] + 2 * padding[1])
     if kh == kw == 1 and groups == 1:
         y, cache = _forward_pointwise(x, w, stride, padding, out_hw)
+    elif groups == x.shape[1] > 1 and c_in_group == 1 and x.shape[1] >= 4 * out_hw[1]:
+        y, cache = _forward_depthwise_cl(x, w, stride, padding, out_hw)
     elif groups == x.shape[1] > 1 and c_in_group == 1:
         y, cache = _forward_depthwise(x, w, stride, padding, out_hw)
+    elif groups == 1 and stride == (1, 1) and padded_grid <= 1.6 * out_hw[0] * out_hw[1]:
+        y, cache = _forward_shift(x, w, padding, out_hw)
     else:
         y, cache = _forward_general(x, w, stride, padding, groups, out_hw)
     if b is not None:
@@ -168,6 +208,10 @@ def conv2d_backward(dy, cache: Conv2dCache):
         dx, dw = _backward_pointwise(dy, cache)
     elif cache.path == "depthwise":
         dx, dw = _backward_depthwise(dy, cache)
+    elif cache.path == "depthwise-cl":
+        dx, dw = _backward_depthwise_cl(dy, cache)
+    elif cache.path == "shift":
+        dx, dw = _backward_shift(dy, cache)
     else:
         dx, dw = _backward_general(dy, cache)
     return dx, dw, db
@@ -243,6 +287,95 @@ def _dx_col2im(dy_g, w, cache: Conv2dCache):
         for q in range(kw):
             dxp[:, :, _offset(p, sh, ho), _offset(q, sw, wo)] += d_cols[:, :, p, q]  # (5)
     return dxp[:, :, ph : ph + h, pw : pw + wd]  # (5)
+
+
+# ------------------------------------------------------------------ shift path
+_CHUNK_COLUMNS = 4096  # positions t per GEMM block: its columns (C kh kw x 4096) stay in cache
+
+
+def _channel_major(x, ph, pw):
+    """``x`` (N, C, H, W) -> ``xp`` as (C, N, H + 2 ph, W + 2 pw), zero-bordered, in one copy."""
+    n, c, h, wd = x.shape
+    xc = np.zeros((c, n, h + 2 * ph, wd + 2 * pw), dtype=x.dtype)
+    # (N, C, H, W) -> (C, N, H, W), written into the interior
+    xc[:, :, ph : ph + h, pw : pw + wd] = x.transpose(1, 0, 2, 3)
+    return xc
+
+
+def _flat_columns(src, offsets, t0, width, buffer):
+    """Rows ``src[r, t0 + offsets[k] : t0 + offsets[k] + width]`` for every row r and offset k.
+
+    (R, T) -> (R, K, width) with K = len(offsets): one contiguous copy per offset.
+    """
+    cols = buffer[: src.shape[0] * len(offsets) * width].reshape(src.shape[0], len(offsets), width)
+    for k, offset in enumerate(offsets):
+        cols[:, k] = src[:, t0 + offset : t0 + offset + width]
+    return cols
+
+
+def _forward_shift(x, w, padding, out_hw):
+    n, c = x.shape[:2]
+    n_out, _, kh, kw = w.shape
+    (ph, pw), (ho, wo) = padding, out_hw
+    xc = _channel_major(x, ph, pw)
+    hp, wp = xc.shape[2:]
+    # (C, N, Hp, Wp) -> (C, T), T = N*Hp*Wp; window offset (p, q) is a shift by p*Wp + q
+    xf = xc.reshape(c, -1)
+    offsets = [p * wp + q for p in range(kh) for q in range(kw)]
+    span = xf.shape[1] - offsets[-1]  # every t < span has its whole window inside xf, every valid t is < span
+    # (O, C, kh, kw) -> (O, C*kh*kw)
+    w_m = w.reshape(n_out, -1)
+    y = np.empty((n_out, xf.shape[1]), dtype=x.dtype)  # (1) at every t of the padded grid
+    buffer = np.empty(c * len(offsets) * _CHUNK_COLUMNS, dtype=x.dtype)
+    for t0 in range(0, span, _CHUNK_COLUMNS):
+        width = min(_CHUNK_COLUMNS, span - t0)
+        cols = _flat_columns(xf, offsets, t0, width, buffer)  # (9)
+        # (C, kh*kw, width) -> (C*kh*kw, width)
+        np.matmul(w_m, cols.reshape(-1, width), out=y[:, t0 : t0 + width])  # (9)
+    # (O, T) -> (O, N, Hp, Wp) -> cropped (O, N, Ho, Wo) -> (N, O, Ho, Wo)
+    y = np.ascontiguousarray(y.reshape(n_out, n, hp, wp)[:, :, :ho, :wo].transpose(1, 0, 2, 3))
+    return y, Conv2dCache("shift", xc, w, tuple(x.shape), (1, 1), padding, 1, False)
+
+
+def _backward_shift(dy, cache: Conv2dCache):
+    n, c, h, wd = cache.x_shape
+    xc, w = cache.saved, cache.w
+    n_out, _, kh, kw = w.shape
+    ph, pw = cache.padding
+    ho, wo = dy.shape[2:]
+    hp, wp = xc.shape[2:]
+    # (C, N, Hp, Wp) -> (C, T)
+    xf = xc.reshape(c, -1)
+    offsets = [p * wp + q for p in range(kh) for q in range(kw)]
+    t_all, lead = xf.shape[1], offsets[-1]
+    span = t_all - lead
+    # dyf of (10): dy on the padded grid, zero at the cropped positions, after ``lead`` zeros
+    # so that (11) can read it at t - s_pq >= -lead: (O, lead + T)
+    dy_f = np.zeros((n_out, lead + t_all), dtype=dy.dtype)
+    # (N, O, Ho, Wo) -> (O, N, Ho, Wo), into (O, N, Hp, Wp)[:, :, :Ho, :Wo]
+    dy_f[:, lead:].reshape(n_out, n, hp, wp)[:, :, :ho, :wo] = dy.transpose(1, 0, 2, 3)
+    # (O, C, kh, kw) -> (O, C*kh*kw)
+    dw = np.zeros((n_out, c * kh * kw), dtype=dy.dtype)
+    buffer = np.empty(max(c, n_out) * len(offsets) * _CHUNK_COLUMNS, dtype=dy.dtype)
+    for t0 in range(0, span, _CHUNK_COLUMNS):
+        width = min(_CHUNK_COLUMNS, span - t0)
+        cols = _flat_columns(xf, offsets, t0, width, buffer)
+        # (O, width) times (C, kh*kw, width) -> (C*kh*kw, width) transposed
+        dw += dy_f[:, lead + t0 : lead + t0 + width] @ cols.reshape(-1, width).T  # (10)
+    # (O, C, kh, kw) -> (C, O, kh, kw), flipped in space: (C, O*kh*kw)
+    w_t = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(c, -1)
+    dx = np.empty((c, t_all), dtype=dy.dtype)  # dxf of (11) at every t of the padded grid
+    for t0 in range(0, t_all, _CHUNK_COLUMNS):
+        width = min(_CHUNK_COLUMNS, t_all - t0)
+        # offset k = (p, q) reads dy_f at t + s_pq - lead = t - s_(kh-1-p)(kw-1-q): the flipped tap
+        cols = _flat_columns(dy_f, offsets, t0, width, buffer)  # (11)
+        # (O, kh*kw, width) -> (O*kh*kw, width)
+        np.matmul(w_t, cols.reshape(-1, width), out=dx[:, t0 : t0 + width])  # (11)
+    # (O, C*kh*kw) -> (O, C, kh, kw)
+    dw = dw.reshape(w.shape)
+    # (C, T) -> (C, N, Hp, Wp) -> (C, N, H, W) -> (N, C, H, W)
+    dx = dx.reshape(c, n, hp, wp)[:, :, ph : ph + h, pw : pw + wd]  # (11)
+    return np.ascontiguousarray(dx.transpose(1, 0, 2, 3)), dw
 
 
 # -------------------------------------------------------------- pointwise path
@@ -321,3 +454,50 @@ def _backward_depthwise(dy, cache: Conv2dCache):
     # (C, m, kh, kw) -> (O, 1, kh, kw)
     dw = dw.reshape(w.shape)
     return dxp[:, :, ph : ph + h, pw : pw + wd], dw  # (8)
+
+
+# ------------------------------------------------ depthwise path, channels-last
+def _forward_depthwise_cl(x, w, stride, padding, out_hw):
+    n, c, h, wd = x.shape
+    n_out, _, kh, kw = w.shape
+    (sh, sw), (ph, pw), (ho, wo) = stride, padding, out_hw
+    # (N, C, H, W) -> xp channels-last (N, Hp, Wp, C), zero-bordered, in one copy
+    xl = np.zeros((n, h + 2 * ph, wd + 2 * pw, c), dtype=x.dtype)
+    xl[:, ph : ph + h, pw : pw + wd] = x.transpose(0, 2, 3, 1)
+    # (O, 1, kh, kw) -> (C, m, kh, kw)
+    w_cm = w.reshape(c, n_out // c, kh, kw)
+    y = np.zeros((n, ho, wo, c, n_out // c), dtype=x.dtype)
+    term = np.empty_like(y)
+    for p in range(kh):
+        for q in range(kw):
+            x_pq = xl[:, _offset(p, sh, ho), _offset(q, sw, wo)]
+            # (N, Ho, Wo, C) -> (N, Ho, Wo, C, 1) times (C, m)
+            np.multiply(x_pq[..., None], w_cm[:, :, p, q], out=term)  # (1)
+            y += term  # (1)
+    # (N, Ho, Wo, C, m) -> (N, C, m, Ho, Wo) -> (N, O, Ho, Wo)
+    y = np.ascontiguousarray(y.transpose(0, 3, 4, 1, 2)).reshape(n, n_out, ho, wo)
+    return y, Conv2dCache("depthwise-cl", xl, w, tuple(x.shape), stride, padding, c, False)
+
+
+def _backward_depthwise_cl(dy, cache: Conv2dCache):
+    n, c, h, wd = cache.x_shape
+    xl, w = cache.saved, cache.w
+    n_out, _, kh, kw = w.shape
+    (sh, sw), (ph, pw) = cache.stride, cache.padding
+    ho, wo = dy.shape[2:]
+    # (N, O, Ho, Wo) -> (N, C, m, Ho, Wo) -> (N, Ho, Wo, C, m)
+    dy_l = np.ascontiguousarray(dy.reshape(n, c, n_out // c, ho, wo).transpose(0, 3, 4, 1, 2))
+    # (O, 1, kh, kw) -> (C, m, kh, kw)
+    w_cm = w.reshape(c, n_out // c, kh, kw)
+    dw = np.empty((c, n_out // c, kh, kw), dtype=dy.dtype)
+    dxl = np.zeros(xl.shape, dtype=dy.dtype)
+    for p in range(kh):
+        for q in range(kw):
+            rows, columns = _offset(p, sh, ho), _offset(q, sw, wo)
+            dw[:, :, p, q] = np.einsum("nijcm,nijc->cm", dy_l, xl[:, rows, columns])  # (7)
+            dxl[:, rows, columns] += np.einsum("nijcm,cm->nijc", dy_l, w_cm[:, :, p, q])  # (8)
+    # (C, m, kh, kw) -> (O, 1, kh, kw)
+    dw = dw.reshape(w.shape)
+    # (N, Hp, Wp, C) -> (N, H, W, C) -> (N, C, H, W)
+    dx = np.ascontiguousarray(dxl[:, ph : ph + h, pw : pw + wd].transpose(0, 3, 1, 2))  # (8)
+    return dx, dw

@@ -1,4 +1,6 @@
-"""Cases for conv2d: dense, stride 1, grouped, depthwise (multiplier 1 and 2), 1x1 and the 7x7 stem.
+"""Cases for conv2d: dense, stride 1, grouped, depthwise (multiplier 1 and 2), 1x1 and the 7x7 stem;
+"stride1-shift" and "depthwise-wide" draw the geometries that the kernel's shift and
+channels-last depthwise paths serve (a large image; many channels on a narrow one).
 
 The oracle is equation (1) of ``reference.ops.conv`` read literally: a sum over
 the kernel offsets (p, q) of the zero-padded input's strided slice at that
@@ -61,8 +63,14 @@ def _int_or_pair(low, high):
     return st.one_of(st.integers(low, high), st.tuples(st.integers(low, high), st.integers(low, high)))
 
 
-def _conv_draw(channels, kernel=_int_or_pair(1, 3), stride=_int_or_pair(1, 3), padding=_int_or_pair(0, 2),
-               bias=True):
+def _conv_draw(
+    channels,
+    kernel=_int_or_pair(1, 3),
+    stride=_int_or_pair(1, 3),
+    padding=_int_or_pair(0, 2),
+    bias=True,
+    extra=4,
+):
     """A draw for conv2d; ``channels(data) -> (C, O, groups)``."""
 
     def draw(data):
@@ -71,7 +79,7 @@ def _conv_draw(channels, kernel=_int_or_pair(1, 3), stride=_int_or_pair(1, 3), p
         s = data.draw(stride, label="stride")
         p = data.draw(padding, label="padding")
         n = data.draw(st.integers(1, 2), label="N")
-        h, w = _geometry(data, k, s, p)
+        h, w = _geometry(data, k, s, p, extra)
         rng = rng_from(data)
         x = rng.standard_normal((n, c, h, w))
         weight = rng.standard_normal((o, c // groups, *k))
@@ -96,18 +104,43 @@ def _depthwise(data):
     return c, c * data.draw(st.sampled_from([1, 2]), label="multiplier"), c
 
 
+def _depthwise_wide(data):
+    """Depthwise with C >= 4 Wo for most drawn widths: the channels-last path."""
+    c = data.draw(st.integers(24, 32), label="C")
+    return c, c * data.draw(st.sampled_from([1, 2]), label="multiplier"), c
+
+
 def _stem_channels(data):
     return 3, data.draw(st.integers(1, 4), label="O"), 1
 
 
 CASES = [
     OpCase("conv2d", _conv_draw(_dense), conv2d_oracle, wrt=(0, 1, 2), label="dense"),
-    OpCase("conv2d", _conv_draw(_dense, stride=st.just(1), bias=False), conv2d_oracle, wrt=(0, 1),
-           label="stride1-nobias"),
+    OpCase(
+        "conv2d",
+        _conv_draw(_dense, stride=st.just(1), bias=False),
+        conv2d_oracle,
+        wrt=(0, 1),
+        label="stride1-nobias",
+    ),
+    # H, W up to 16 more than the kernel: the padded grid within 1.6x the output (the shift path)
+    OpCase(
+        "conv2d",
+        _conv_draw(_dense, stride=st.just(1), extra=16),
+        conv2d_oracle,
+        wrt=(0, 1, 2),
+        label="stride1-shift",
+    ),
     OpCase("conv2d", _conv_draw(_grouped), conv2d_oracle, wrt=(0, 1, 2), label="grouped"),
     OpCase("conv2d", _conv_draw(_depthwise), conv2d_oracle, wrt=(0, 1, 2), label="depthwise"),
+    OpCase("conv2d", _conv_draw(_depthwise_wide), conv2d_oracle, wrt=(0, 1, 2), label="depthwise-wide"),
     OpCase("conv2d", _conv_draw(_depthwise, bias=False), conv2d_oracle, wrt=(0, 1), label="depthwise-nobias"),
     OpCase("conv2d", _conv_draw(_dense, kernel=st.just(1)), conv2d_oracle, wrt=(0, 1, 2), label="pointwise"),
-    OpCase("conv2d", _conv_draw(_stem_channels, kernel=st.just(7), stride=st.just(2), padding=st.just(3),
-                                bias=False), conv2d_oracle, wrt=(0, 1), label="stem7x7"),
+    OpCase(
+        "conv2d",
+        _conv_draw(_stem_channels, kernel=st.just(7), stride=st.just(2), padding=st.just(3), bias=False),
+        conv2d_oracle,
+        wrt=(0, 1),
+        label="stem7x7",
+    ),
 ]
