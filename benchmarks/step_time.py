@@ -383,6 +383,24 @@ def _threadpools() -> Any:
     return [{k: pool.get(k) for k in keep if k in pool} for pool in threadpool_info()]
 
 
+def _pool_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One framework's rounds as one result: statistics over every timed step of every round."""
+    times = [t for r in rounds for t in r["step_times_s"]]
+    pooled = dict(rounds[0])
+    pooled.update(
+        median_s=statistics.median(times),
+        min_s=min(times),
+        mean_s=statistics.fmean(times),
+        step_times_s=times,
+        round_medians_s=[r["median_s"] for r in rounds],
+        peak_rss_mib=max(r["peak_rss_mib"] for r in rounds),
+        peak_rss_increase_mib=max(r["peak_rss_increase_mib"] for r in rounds),
+        losses=[loss for r in rounds for loss in r["losses"]],
+        per_step_counters=[c for r in rounds for c in r["per_step_counters"]],
+    )
+    return pooled
+
+
 def _time_steps(step, x, labels, warmup: int, steps: int) -> dict[str, Any]:
     """Run ``warmup`` then ``steps`` steps; times, losses and memory."""
     rss_before = _rss_mib()
@@ -748,7 +766,12 @@ def _run_worker(kind: str, spec: dict[str, Any], workdir: Path, threads: int) ->
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=7, help="timed steps per framework (default 7)")
+    parser.add_argument(
+        "--steps", type=int, default=7, help="timed steps per framework and round (default 7)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating numpy/torch worker rounds, pooled (default 3)"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     parser.add_argument("--threads", type=int, default=2, help="threads for both frameworks (default 2)")
     parser.add_argument("--models", default="resnet20,mobilenet_v1", help="comma-separated workloads")
@@ -761,8 +784,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is None:
-        if args.steps < 1 or args.warmup < 0 or args.threads < 1 or args.profile_steps < 1:
-            parser.error("--steps, --threads and --profile-steps must be >= 1 and --warmup >= 0")
+        if min(args.steps, args.rounds, args.threads, args.profile_steps) < 1 or args.warmup < 0:
+            parser.error("--steps, --rounds, --threads and --profile-steps must be >= 1 and --warmup >= 0")
         if args.batch is not None and args.batch < 2:
             parser.error("--batch must be >= 2 (batch norm needs two samples)")
         unknown = [m for m in args.models.split(",") if m not in WORKLOADS]
@@ -822,7 +845,13 @@ def main(argv: list[str] | None = None) -> int:
             "data": "one fixed synthetic batch: standard-normal images, uniform labels (seed 1)",
             "weights": "reference initialisation with seed 0, loaded into both frameworks",
         },
-        "timing": {"warmup_steps": args.warmup, "timed_steps": args.steps, "clock": "time.perf_counter"},
+        "timing": {
+            "warmup_steps": args.warmup,
+            "timed_steps_per_round": args.steps,
+            "rounds": args.rounds,
+            "pooling": "median over every timed step of every round; rounds alternate numpy, torch",
+            "clock": "time.perf_counter",
+        },
         "workloads": {},
     }
     failed = False
@@ -859,8 +888,11 @@ def main(argv: list[str] | None = None) -> int:
                         f"loss check failed: relative difference {entry['loss_check']['relative_difference']:.2e} "
                         f">= {LOSS_RTOL}; not timing a comparison that is not like for like"
                     )
-                entry["numpy"] = _run_worker("numpy", spec, workdir, args.threads)
-                entry["torch"] = _run_worker("torch", spec, workdir, args.threads)
+                runs: dict[str, list[dict[str, Any]]] = {"numpy": [], "torch": []}
+                for _ in range(args.rounds):  # alternate, so slow spells of a shared machine hit both
+                    for framework in runs:
+                        runs[framework].append(_run_worker(framework, spec, workdir, args.threads))
+                entry["numpy"], entry["torch"] = _pool_rounds(runs["numpy"]), _pool_rounds(runs["torch"])
                 entry["ratio_numpy_over_torch"] = entry["numpy"]["median_s"] / entry["torch"]["median_s"]
                 if args.profile:
                     entry["profile"] = _run_worker("profile", spec, workdir, args.threads)
