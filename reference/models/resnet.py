@@ -51,12 +51,58 @@ from reference.nn.module import Shape, TraceVisitor
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "cifar_resnet", "resnet18", "resnet50"]
 
 
-def _shortcut_mismatch(block: str, main: Shape, shortcut: Shape) -> ShapeError:
-    return ShapeError(f"{block}: main path gives shape {main} but the shortcut gives {shortcut}")
+def _projection(in_planes: int, out_planes: int, stride: int, rng, dtype) -> Sequential | None:
+    """The ``downsample`` shortcut where the shape changes (1x1 conv + BN), else None (identity)."""
+    if stride == 1 and in_planes == out_planes:
+        return None
+    return Sequential(
+        Conv2d(in_planes, out_planes, 1, stride=stride, rng=rng, dtype=dtype),
+        BatchNorm2d(out_planes, dtype=dtype),
+    )
 
 
-class BasicBlock(Module):
-    """Two 3x3 convs with a residual connection; output channels = ``planes``."""
+class _ResidualBlock(Module):
+    """What both blocks share: ``relu(main(x) + shortcut(x))`` and its shape trace.
+
+    A subclass sets ``downsample`` and lists its main path's layers in
+    :meth:`main_path`, in order; its forward applies them with ReLUs between.
+    """
+
+    downsample: Sequential | None
+
+    def main_path(self) -> tuple[Module, ...]:
+        raise NotImplementedError
+
+    @property
+    def last_bn(self) -> BatchNorm2d:
+        return self.main_path()[-1]
+
+    def forward(self, x: Any) -> Tensor:
+        layers = self.main_path()
+        out = x
+        for i in range(0, len(layers), 2):  # (conv, bn) pairs; ReLU after all but the last
+            out = layers[i + 1](layers[i](out))
+            if i + 2 < len(layers):
+                out = F.relu(out)
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return F.relu(F.add(out, shortcut))
+
+    def trace(self, input_shape: Shape, visit: TraceVisitor) -> Shape:
+        shape = tuple(input_shape)
+        for module in self.main_path():
+            shape = module.trace(shape, visit)
+        shortcut = (
+            tuple(input_shape) if self.downsample is None else self.downsample.trace(input_shape, visit)
+        )
+        if shape != shortcut:
+            raise ShapeError(
+                f"{type(self).__name__}: main path gives shape {shape} but the shortcut gives {shortcut}"
+            )
+        return shape
+
+
+class BasicBlock(_ResidualBlock):
+    """3x3 conv (strided), BN, ReLU, 3x3 conv, BN, plus the shortcut, ReLU."""
 
     expansion = 1
 
@@ -66,37 +112,13 @@ class BasicBlock(Module):
         self.bn1 = BatchNorm2d(planes, dtype=dtype)
         self.conv2 = Conv2d(planes, planes, 3, stride=1, padding=1, rng=rng, dtype=dtype)
         self.bn2 = BatchNorm2d(planes, dtype=dtype)
-        if stride != 1 or in_planes != planes:
-            self.downsample = Sequential(
-                Conv2d(in_planes, planes, 1, stride=stride, rng=rng, dtype=dtype),
-                BatchNorm2d(planes, dtype=dtype),
-            )
-        else:
-            self.downsample = None
+        self.downsample = _projection(in_planes, planes, stride, rng, dtype)
 
-    @property
-    def last_bn(self) -> BatchNorm2d:
-        return self.bn2
-
-    def forward(self, x: Any) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return F.relu(F.add(out, shortcut))
-
-    def trace(self, input_shape: Shape, visit: TraceVisitor) -> Shape:
-        shape = tuple(input_shape)
-        for module in (self.conv1, self.bn1, self.conv2, self.bn2):
-            shape = module.trace(shape, visit)
-        shortcut = (
-            tuple(input_shape) if self.downsample is None else self.downsample.trace(input_shape, visit)
-        )
-        if shape != shortcut:
-            raise _shortcut_mismatch("BasicBlock", shape, shortcut)
-        return shape
+    def main_path(self) -> tuple[Module, ...]:
+        return (self.conv1, self.bn1, self.conv2, self.bn2)
 
 
-class Bottleneck(Module):
+class Bottleneck(_ResidualBlock):
     """1x1 reduce, 3x3 (strided), 1x1 expand, with a residual; output channels = 4 * ``planes``."""
 
     expansion = 4
@@ -110,35 +132,10 @@ class Bottleneck(Module):
         self.bn2 = BatchNorm2d(planes, dtype=dtype)
         self.conv3 = Conv2d(planes, out_planes, 1, rng=rng, dtype=dtype)
         self.bn3 = BatchNorm2d(out_planes, dtype=dtype)
-        if stride != 1 or in_planes != out_planes:
-            self.downsample = Sequential(
-                Conv2d(in_planes, out_planes, 1, stride=stride, rng=rng, dtype=dtype),
-                BatchNorm2d(out_planes, dtype=dtype),
-            )
-        else:
-            self.downsample = None
+        self.downsample = _projection(in_planes, out_planes, stride, rng, dtype)
 
-    @property
-    def last_bn(self) -> BatchNorm2d:
-        return self.bn3
-
-    def forward(self, x: Any) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return F.relu(F.add(out, shortcut))
-
-    def trace(self, input_shape: Shape, visit: TraceVisitor) -> Shape:
-        shape = tuple(input_shape)
-        for module in (self.conv1, self.bn1, self.conv2, self.bn2, self.conv3, self.bn3):
-            shape = module.trace(shape, visit)
-        shortcut = (
-            tuple(input_shape) if self.downsample is None else self.downsample.trace(input_shape, visit)
-        )
-        if shape != shortcut:
-            raise _shortcut_mismatch("Bottleneck", shape, shortcut)
-        return shape
+    def main_path(self) -> tuple[Module, ...]:
+        return (self.conv1, self.bn1, self.conv2, self.bn2, self.conv3, self.bn3)
 
 
 class ResNet(Module):
