@@ -69,6 +69,29 @@ class TrainConfig:
     per_step: bool = False
     milestones: tuple[int, ...] = ()
     gamma: float = 0.1
+    # sparsity (see reference.sparsity)
+    method: str = "dense"
+    target_sparsity: float | None = None
+    threshold_decay: float | None = None
+    str_s_init: float = -5.0
+    str_per_channel: bool = False
+    ltp_lambda: float = 1e-4
+    ltp_t0: float = 1e-3
+    ltp_tau_init: float = 0.0
+    ltp_exact_grad: bool = True
+    ltp_l0_weight_grad: bool = True
+    scp_lambda: float = 5e-5
+    scp_eps: float = 0.05
+    scp_k: float = 20.0
+    scp_c0: float = 0.95
+    scp_t: float = 0.5
+    scp_s: float = 2.0
+    prune_scope: str = "uniform"
+    prune_start_epoch: int = 0
+    prune_end_epoch: int | None = None
+    prune_frequency: int = 50
+    budget: str | None = None
+    budget_column: str | None = None
     # reproducibility and output
     seed: int = 0
     augment: bool = False
@@ -142,6 +165,30 @@ FIELD_HELP: dict[str, str] = {
     "per_step": "update the learning rate every step instead of every epoch",
     "milestones": "epochs at which the step schedule multiplies the lr by gamma",
     "gamma": "factor of the step schedule",
+    "method": "sparsity method: dense, str, ltp, scp, magnitude or gmp",
+    "target_sparsity": "requested fraction of zero conv+fc weights in [0, 1) (default: none; STR and LTP"
+    " then reach what their hyperparameters give)",
+    "threshold_decay": "weight decay on STR/LTP thresholds (default: the weight_decay)",
+    "str_s_init": "STR: initial threshold parameter s (threshold = sigmoid(s))",
+    "str_per_channel": "STR: one threshold per output channel instead of per layer",
+    "ltp_lambda": "LTP: weight of the differentiable L0 term",
+    "ltp_t0": "LTP: temperature factor, T = t0 * var(|W|) per layer",
+    "ltp_tau_init": "LTP: initial threshold on the squared weight",
+    "ltp_exact_grad": "LTP: exact weight gradient (false: the paper's approximation dW_eff/dW = mask)",
+    "ltp_l0_weight_grad": "LTP: let the L0 term send a gradient to the weights too",
+    "scp_lambda": "SCP: weight of the channel regularizer sum(beta + s |gamma|)",
+    "scp_eps": "SCP: activation level below which a channel counts as off",
+    "scp_k": "SCP: sharpness k of the keep/prune logit",
+    "scp_c0": "SCP: probability threshold c0 above which a channel is pruned",
+    "scp_t": "SCP: temperature t of the logistic relaxation",
+    "scp_s": "SCP: weight s of |gamma| in the regularizer",
+    "prune_scope": "magnitude/GMP: uniform (same sparsity per layer) or global (one threshold)",
+    "prune_start_epoch": "magnitude/GMP: epoch at which pruning starts",
+    "prune_end_epoch": "magnitude/GMP: epoch by which the final sparsity is reached (default: 3/4 of the"
+    " epochs; equal to prune_start_epoch for one-shot pruning)",
+    "prune_frequency": "magnitude/GMP: steps between mask updates",
+    "budget": "magnitude/GMP: per-layer sparsities from a budget CSV or a trained STR/LTP checkpoint",
+    "budget_column": "column of a budget CSV with several budgets (default: the only one)",
     "seed": "random seed (model initialisation, data order, augmentation)",
     "augment": "use the data set's training augmentation",
     "run_dir": "directory for the config, metrics and checkpoints (default: runs/<model>-<dataset>-<time>)",
@@ -154,12 +201,19 @@ FIELD_HELP: dict[str, str] = {
 
 _INT_FIELDS = {
     "num_classes", "image_size", "train_size", "test_size", "epochs", "batch_size",
-    "eval_batch_size", "warmup_epochs", "seed",
+    "eval_batch_size", "warmup_epochs", "seed", "prune_start_epoch", "prune_end_epoch", "prune_frequency",
 }  # fmt: skip
-_FLOAT_FIELDS = {"width", "lr", "momentum", "weight_decay", "label_smoothing", "gamma"}
-_BOOL_FIELDS = {"nesterov", "per_step", "augment", "progress"}
-_STR_FIELDS = {"model", "dataset", "data_root", "schedule", "run_dir"}
-_OPTIONAL_FIELDS = {"data_root", "num_classes", "run_dir"}
+_FLOAT_FIELDS = {
+    "width", "lr", "momentum", "weight_decay", "label_smoothing", "gamma", "target_sparsity",
+    "threshold_decay", "str_s_init", "ltp_lambda", "ltp_t0", "ltp_tau_init", "scp_lambda", "scp_eps",
+    "scp_k", "scp_c0", "scp_t", "scp_s",
+}  # fmt: skip
+_BOOL_FIELDS = {"nesterov", "per_step", "augment", "progress", "str_per_channel", "ltp_exact_grad",
+                "ltp_l0_weight_grad"}  # fmt: skip
+_STR_FIELDS = {"model", "dataset", "data_root", "schedule", "run_dir", "method", "prune_scope", "budget",
+               "budget_column"}  # fmt: skip
+_OPTIONAL_FIELDS = {"data_root", "num_classes", "run_dir", "target_sparsity", "threshold_decay",
+                    "prune_end_epoch", "budget", "budget_column"}  # fmt: skip
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
 _BUILTIN_DATASETS = ("digits", "synthetic")  # generated or bundled: no data_root needed
 
@@ -233,6 +287,42 @@ def _coerce(name: str, value: Any) -> Any:
     return tuple(int(m) for m in items)
 
 
+def _validate_sparsity(cfg: TrainConfig, need) -> None:
+    """The sparsity settings (only range checks; methods check how they combine)."""
+    from reference.sparsity import METHOD_NAMES
+
+    if cfg.method not in METHOD_NAMES:
+        raise ConfigError(f"unknown method {cfg.method!r}; expected one of: {', '.join(METHOD_NAMES)}")
+    need(
+        cfg.target_sparsity is None or 0.0 <= cfg.target_sparsity < 1.0,
+        "target_sparsity",
+        "in [0, 1) (a fraction: 0.9 means 90 % of the weights are zero)",
+    )
+    need(cfg.threshold_decay is None or cfg.threshold_decay >= 0, "threshold_decay", "a non-negative number")
+    need(cfg.ltp_lambda >= 0, "ltp_lambda", "a non-negative number")
+    need(cfg.ltp_t0 > 0, "ltp_t0", "a positive temperature factor")
+    need(cfg.scp_lambda >= 0, "scp_lambda", "a non-negative number")
+    need(cfg.scp_eps >= 0, "scp_eps", "a non-negative number")
+    need(cfg.scp_k > 0, "scp_k", "a positive number")
+    need(0.0 < cfg.scp_c0 < 1.0, "scp_c0", "in (0, 1)")
+    need(cfg.scp_t > 0, "scp_t", "a positive temperature")
+    need(cfg.scp_s >= 0, "scp_s", "a non-negative number")
+    need(cfg.prune_scope in ("uniform", "global"), "prune_scope", "'uniform' or 'global'")
+    need(0 <= cfg.prune_start_epoch < cfg.epochs, "prune_start_epoch", f"in [0, epochs) = [0, {cfg.epochs})")
+    need(
+        cfg.prune_end_epoch is None or cfg.prune_start_epoch <= cfg.prune_end_epoch <= cfg.epochs,
+        "prune_end_epoch",
+        f"between prune_start_epoch ({cfg.prune_start_epoch}) and epochs ({cfg.epochs}), or unset",
+    )
+    need(cfg.prune_frequency > 0, "prune_frequency", "a positive number of steps")
+    if cfg.method in ("magnitude", "gmp"):
+        need(
+            cfg.target_sparsity is not None or cfg.budget is not None,
+            "target_sparsity",
+            f"set (or a budget file) for method {cfg.method!r}",
+        )
+
+
 def _validate(cfg: TrainConfig) -> None:
     """Range checks and name look-ups; raises ConfigError on the first problem."""
 
@@ -259,6 +349,7 @@ def _validate(cfg: TrainConfig) -> None:
     )
     need(cfg.run_dir is None or cfg.run_dir.strip() != "", "run_dir", "a directory path (or unset)")
     need(cfg.data_root is None or cfg.data_root.strip() != "", "data_root", "a directory path (or unset)")
+    _validate_sparsity(cfg, need)
 
     from reference.data import DATASET_NAMES
     from reference.models import MODEL_NAMES

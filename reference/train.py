@@ -5,10 +5,16 @@ One call to :func:`train` runs (or resumes) a whole run::
     for epoch in range(start, epochs):
         lr = schedule(epoch, ...)                       per epoch, or per step
         for each batch (order and augmentation from default_rng([seed, epoch])):
-            loss = cross_entropy(model(x), y)           non-finite -> DivergenceError
-            zero_grad; backward; optimizer step
+            method.before_step(model, ctx)              a sparsity method's hooks
+            loss = cross_entropy(model(x), y) + method.regularization(model)
+            zero_grad; backward; optimizer step         non-finite loss -> DivergenceError
+            method.after_step(model, ctx)
         evaluate on the test split (eval mode, no_grad, in batches)
+        method.end_epoch(model, ctx)                    per-layer sparsity and thresholds
         write metrics and the checkpoint (atomically)
+
+The sparsity method (``config.method``, :mod:`reference.sparsity`) draws its
+own randomness from ``default_rng([seed, epoch, 1])``.
 
 Exact resume: every epoch draws its randomness from a generator seeded with
 ``(seed, epoch)`` and nothing else random happens during training, so a run
@@ -22,6 +28,8 @@ The run directory holds::
     metrics.jsonl, metrics.csv one row per epoch (see METRIC_COLUMNS)
     checkpoint.npz             the latest epoch (rewritten atomically each epoch)
     best.npz                   the epoch with the best test accuracy so far
+    layers.jsonl               per-layer numbers of the sparsity method, one line per epoch
+    trail/epoch_NNN.npz        a checkpoint per epoch, for methods that keep a trail (LTP)
 """
 
 from __future__ import annotations
@@ -51,13 +59,14 @@ __all__ = [
     "METRIC_COLUMNS",
     "TrainResult",
     "build_data",
+    "build_model_and_method",
     "build_model_for",
     "evaluate",
     "param_groups",
     "train",
 ]
 
-METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds")
+METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "sparsity", "seconds")
 
 # Settings that may change when a run is resumed: they do not affect the
 # numbers computed in the epochs already done (``epochs`` extends or shortens
@@ -117,10 +126,17 @@ def _num_classes(config: TrainConfig, data) -> int:
 
 
 def build_model_for(config: TrainConfig, data):
-    """The model named by ``config``, sized for ``data``, initialised from ``config.seed``."""
-    from reference.models import build_model
+    """The model named by ``config``, sized for ``data``, initialised from ``config.seed``,
+    with its sparsity method installed (so a sparse checkpoint loads into it)."""
+    return build_model_and_method(config, data)[0]
 
-    return build_model(
+
+def build_model_and_method(config: TrainConfig, data):
+    """``(model, method)``: :func:`build_model_for` and the method it installed."""
+    from reference.models import build_model
+    from reference.sparsity import build_method
+
+    model = build_model(
         config.model,
         num_classes=_num_classes(config, data),
         in_channels=int(data.x_train.shape[1]),
@@ -128,21 +144,31 @@ def build_model_for(config: TrainConfig, data):
         rng=np.random.default_rng([config.seed, 1 << 20]),
         dtype=np.float32,
     )
+    method = build_method(config)
+    method.attach(model)
+    return model, method
 
 
-def param_groups(model, config: TrainConfig) -> list[dict[str, Any]]:
-    """The optimizer's parameter groups.
+def param_groups(model, config: TrainConfig, method=None) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups, as the sparsity method splits them.
 
-    One group, with the configured weight decay on every parameter. Methods
-    that treat some parameters differently (no decay on thresholds or batch
-    norm) split this list; the group names are stored in checkpoints.
+    Dense training has one group with the configured weight decay on every
+    parameter; methods split it (thresholds decayed differently, no decay on a
+    BN shift). The group names are stored in checkpoints.
     """
-    return [{"params": list(model.parameters()), "weight_decay": config.weight_decay, "name": "all"}]
+    from reference.sparsity import Dense
+
+    return (method or Dense()).param_groups(model, config)
 
 
 def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
-    """The only source of randomness of epoch ``epoch`` (0-based): order and augmentation."""
+    """The data's randomness in epoch ``epoch`` (0-based): order and augmentation."""
     return np.random.default_rng([seed, epoch])
+
+
+def _method_rng(seed: int, epoch: int) -> np.random.Generator:
+    """The sparsity method's randomness in epoch ``epoch`` (e.g. SCP's mask noise)."""
+    return np.random.default_rng([seed, epoch, 1])
 
 
 # ---------------------------------------------------------------------------
@@ -216,6 +242,38 @@ def _write_text(path: Path, text: str) -> None:
         raise
 
 
+def _weight_sparsity(model) -> float:
+    """Fraction of zeros among the effective weights of every conv and fc layer."""
+    from reference.nn import weight_layers
+
+    was_training = model.training
+    model.eval()  # the weights evaluation computes with (e.g. LTP's hard mask)
+    total = zeros = 0
+    try:
+        with no_grad():
+            for _, layer in weight_layers(model):
+                w = layer.effective_weight().data
+                total += w.size
+                zeros += int(w.size - np.count_nonzero(w))
+    finally:
+        model.train(was_training)
+    return zeros / max(total, 1)
+
+
+def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    """Rewrite ``path`` atomically with ``row`` appended (the file is small: one line per epoch)."""
+    previous = path.read_text() if path.exists() else ""
+    _write_text(path, previous + json.dumps(row, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
 def _write_metrics(run_dir: Path, history: list[dict[str, float]]) -> None:
     _write_text(run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
     buf = io.StringIO()
@@ -265,11 +323,12 @@ def _progress_enabled(config: TrainConfig) -> bool:
     return config.progress and sys.stderr.isatty()
 
 
-def _train_epoch(model, optimizer, schedule, data, config: TrainConfig, epoch: int):
-    """One epoch of SGD; returns (lr at the first step, mean loss, accuracy)."""
+def _train_epoch(model, optimizer, schedule, data, config: TrainConfig, epoch: int, method):
+    """One epoch of SGD; returns (lr at the first step, mean task loss, accuracy)."""
     from tqdm import tqdm
 
     from reference.data import iterate_batches, num_batches
+    from reference.sparsity import StepContext
 
     n = len(data.x_train)
     steps = num_batches(n, config.batch_size, drop_last=False)
@@ -293,22 +352,30 @@ def _train_epoch(model, optimizer, schedule, data, config: TrainConfig, epoch: i
     first_lr = schedule(epoch, 0, steps)
     optimizer.set_lr(first_lr)
     model.train()
+    method_rng = _method_rng(config.seed, epoch)
     total_loss, correct, seen = 0.0, 0, 0
     try:
         for step, (xb, yb) in enumerate(bar):
+            ctx = StepContext(epoch, step, steps, config.epochs, method_rng)
             if config.per_step:
                 optimizer.set_lr(schedule(epoch, step, steps))
+            method.before_step(model, ctx)
             logits = model(Tensor(xb))
             loss = softmax_cross_entropy(logits, yb, label_smoothing=config.label_smoothing)
             value = loss.item()
-            if not math.isfinite(value):
+            extra = method.regularization(model)
+            if extra is not None:
+                loss = loss + extra
+            total = loss.item()
+            if not (math.isfinite(value) and math.isfinite(total)):
                 raise DivergenceError(
-                    f"training diverged at epoch {epoch + 1}, step {step + 1}: the loss is {value} "
+                    f"training diverged at epoch {epoch + 1}, step {step + 1}: the loss is {total} "
                     f"(lr {optimizer.param_groups[0]['lr']:g}); try a smaller lr"
                 )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            method.after_step(model, ctx)
             total_loss += value * len(yb)
             correct += int((np.asarray(logits.numpy()).argmax(axis=1) == yb).sum())
             seen += len(yb)
@@ -354,12 +421,13 @@ def train(
         ckpt = resume if isinstance(resume, Checkpoint) else load_checkpoint(resume)
         _check_resume_config(_saved_config(ckpt), config, ckpt.path)
     data = build_data(config)
-    model = build_model_for(config, data)
+    model, method = build_model_and_method(config, data)
     from reference.optim import SGD
     from reference.schedules import build_schedule
+    from reference.sparsity import StepContext
 
     optimizer = SGD(
-        param_groups(model, config),
+        param_groups(model, config, method),
         lr=config.lr,
         momentum=config.momentum,
         nesterov=config.nesterov,
@@ -391,6 +459,7 @@ def train(
         start_epoch = ckpt.epoch
         history = [dict(row) for row in ckpt.metrics]
         extra = ckpt.extra if isinstance(ckpt.extra, dict) else {}
+        method.load_state_dict(extra.get("method", {}))
         best_acc = float(extra.get("best_acc", max((r["test_acc"] for r in history), default=-1.0)))
         best_epoch = int(extra.get("best_epoch", 0))
 
@@ -418,7 +487,7 @@ def train(
     for epoch in range(start_epoch, end_epoch):
         t_epoch = time.perf_counter()
         try:
-            lr, train_loss, train_acc = _train_epoch(model, optimizer, schedule, data, config, epoch)
+            lr, train_loss, train_acc = _train_epoch(model, optimizer, schedule, data, config, epoch, method)
         except DivergenceError as exc:
             if checkpoint_path.exists() and epoch > 0:
                 raise DivergenceError(
@@ -438,6 +507,10 @@ def train(
                 f"training diverged at epoch {epoch + 1}: the test loss after the epoch is {test_loss} "
                 f"(lr {optimizer.param_groups[0]['lr']:g}); try a smaller lr{last_good}"
             )
+        steps = max(1, -(-len(data.x_train) // config.batch_size))
+        method_stats = method.end_epoch(
+            model, StepContext(epoch, steps, steps, config.epochs, _method_rng(config.seed, epoch))
+        )
         row = {
             "epoch": epoch + 1,
             "lr": float(lr),
@@ -445,6 +518,7 @@ def train(
             "train_acc": float(train_acc),
             "test_loss": float(test_loss),
             "test_acc": float(test_acc),
+            "sparsity": float(method_stats.get("sparsity", _weight_sparsity(model))),
             "seconds": round(time.perf_counter() - t_epoch, 3),
         }
         history.append(row)
@@ -461,15 +535,21 @@ def train(
                 "best_acc": best_acc,
                 "best_epoch": best_epoch,
                 "rng": {"seed": config.seed, "epoch": epoch + 1},
+                "method": method.state_dict(),
             },
         }
         save_checkpoint(checkpoint_path, **state)
+        if method.keeps_trail:
+            (run_dir / "trail").mkdir(exist_ok=True)
+            save_checkpoint(run_dir / "trail" / f"epoch_{epoch + 1:03d}.npz", **state)
+        if method_stats:
+            _append_jsonl(run_dir / "layers.jsonl", {"epoch": epoch + 1, **method_stats})
         if improved:
             save_checkpoint(run_dir / "best.npz", **state)
         _write_metrics(run_dir, history)
         log(
             f"epoch {epoch + 1:>3}/{config.epochs}  lr {lr:.4g}  train loss {train_loss:.4f} acc {train_acc:.2%}  "
-            f"test loss {test_loss:.4f} acc {test_acc:.2%}  ({row['seconds']:.1f}s)"
+            f"test loss {test_loss:.4f} acc {test_acc:.2%}  sparsity {row['sparsity']:.2%}  ({row['seconds']:.1f}s)"
         )
 
     seconds = time.perf_counter() - t_start

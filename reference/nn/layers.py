@@ -96,13 +96,25 @@ def _describe(x: Any) -> str:
 
 
 class WeightLayer(Module):
-    """A layer whose forward uses a weight that a sparsity method may reparameterise."""
+    """A layer whose forward uses a weight that a sparsity method may reparameterise.
+
+    A sparsity method installs a sub-module as ``layer.sparsifier``: a map from
+    the latent weight ``W`` to the weight the layer computes with (``W_eff``),
+    with its own parameters and buffers (named ``<layer>.sparsifier.<name>`` in
+    the state dict). Without one, the layer computes with ``W`` itself.
+    """
 
     weight: Parameter
 
+    @property
+    def sparsifier(self) -> Module | None:
+        """The installed weight map; assign a Module to install one, None to remove it."""
+        return self._modules.get("sparsifier")
+
     def effective_weight(self) -> Tensor:
-        """The weight the forward computes with: ``self.weight`` (sparse subclasses override)."""
-        return self.weight
+        """The weight the forward computes with: ``sparsifier(weight)``, or ``weight``."""
+        sparsifier = self.sparsifier
+        return self.weight if sparsifier is None else sparsifier(self.weight)
 
 
 class Conv2d(WeightLayer):
