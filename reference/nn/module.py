@@ -264,6 +264,10 @@ class Module:
                 f"{type(self).__name__} has sub-modules but does not define trace(); "
                 "write one that mirrors its forward()"
             )
+        return self.trace_as_leaf(input_shape, visit)
+
+    def trace_as_leaf(self, input_shape: Shape, visit: TraceVisitor) -> Shape:
+        """Report this module as one layer with :meth:`output_shape`, whatever its sub-modules."""
         out = tuple(int(d) for d in self.output_shape(tuple(input_shape)))
         visit(self, tuple(input_shape), out)
         return out
