@@ -40,7 +40,7 @@ import numpy as np
 from reference import functional as F
 from reference.autodiff import Tensor
 from reference.errors import ConfigError, ShapeError
-from reference.nn.module import Module, Parameter, Shape
+from reference.nn.module import Module, Parameter, Shape, TraceVisitor
 
 __all__ = [
     "AvgPool2d",
@@ -115,6 +115,10 @@ class WeightLayer(Module):
         """The weight the forward computes with: ``sparsifier(weight)``, or ``weight``."""
         sparsifier = self.sparsifier
         return self.weight if sparsifier is None else sparsifier(self.weight)
+
+    def trace(self, input_shape: Shape, visit: TraceVisitor) -> Shape:
+        """A weight layer is one layer for accounting, with or without a sparsifier."""
+        return self.trace_as_leaf(input_shape, visit)
 
 
 class Conv2d(WeightLayer):
