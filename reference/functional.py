@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from reference.autodiff import Tensor, apply, apply_with_cache, as_array, no_grad
+from reference.errors import ShapeError
 
 IntPair = int | tuple[int, int]
 
@@ -33,6 +34,11 @@ def div(a, b) -> Tensor:
 
 def relu(x) -> Tensor:
     return apply("relu", x)
+
+
+def abs(x) -> Tensor:  # noqa: A001 - mirrors numpy
+    """``|x|``, with the subgradient ``sign(0) = 0`` at the kink."""
+    return apply("abs", x)
 
 
 def sum(x, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001 - mirrors numpy
@@ -75,6 +81,7 @@ def batch_norm(
     training: bool,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    update_mask: Any = None,
 ) -> Tensor:
     """Batch norm over (N, H, W) per channel (or over N for 2-D input).
 
@@ -86,18 +93,37 @@ def batch_norm(
 
     (the unbiased variance, as PyTorch). In evaluation mode the running
     statistics normalise and nothing is updated.
+
+    ``update_mask``, a boolean (C,) array, limits the update in training mode
+    to the channels where it is True; the others keep their running statistics
+    unchanged (SCP updates the statistics of kept channels only). The updated
+    channels get exactly the values they would get without a mask. It does not
+    change the output, and is ignored in evaluation mode.
     """
     running_mean, running_var = as_array(running_mean), as_array(running_var)
+    update_mask = as_array(update_mask)
+    if update_mask is not None:
+        expected = (x.shape[1],) if len(x.shape) > 1 else None
+        if not hasattr(update_mask, "dtype") or update_mask.dtype != bool or update_mask.shape != expected:
+            got = f"{getattr(update_mask, 'dtype', type(update_mask).__name__)} {getattr(update_mask, 'shape', '')}"
+            raise ShapeError(f"batch_norm expects update_mask as a bool array of shape {expected}, got {got}")
     y, cache = apply_with_cache(
         "batch_norm", x, gamma, beta, running_mean, running_var, training=training, eps=eps
     )
     if training:
         n = x.size // x.shape[1]
         with no_grad():
-            running_mean *= 1.0 - momentum
-            running_mean += momentum * cache.mean
-            running_var *= 1.0 - momentum
-            running_var += momentum * cache.var * (n / max(n - 1, 1))
+            if update_mask is None:
+                new_mean, new_var = running_mean, running_var  # updated in place
+            else:
+                new_mean, new_var = running_mean.copy(), running_var.copy()
+            new_mean *= 1.0 - momentum
+            new_mean += momentum * cache.mean
+            new_var *= 1.0 - momentum
+            new_var += momentum * cache.var * (n / max(n - 1, 1))
+            if update_mask is not None:
+                running_mean[update_mask] = new_mean[update_mask]
+                running_var[update_mask] = new_var[update_mask]
     return y
 
 
@@ -112,6 +138,45 @@ def avg_pool2d(x, kernel_size: IntPair, stride: IntPair | None = None, padding: 
 def global_avg_pool2d(x) -> Tensor:
     """(N, C, H, W) -> (N, C), the mean over H and W."""
     return apply("global_avg_pool2d", x)
+
+
+def str_threshold(w, s) -> Tensor:
+    """STR's soft-thresholded weight ``sign(w) max(|w| - sigmoid(s), 0)``.
+
+    ``s`` has shape () (one threshold per layer) or (O,) (one per output
+    channel, broadcast over the trailing axes of ``w``).
+    """
+    return apply("str_threshold", w, s)
+
+
+def ltp_mask(w, tau, temperature, exact_grad: bool = True) -> Tensor:
+    """LTP's soft-masked weight ``w sigmoid((w^2 - tau) / temperature)``.
+
+    ``temperature`` (a positive number or 0-d array) gets no gradient;
+    ``exact_grad=False`` uses the approximation ``d w_eff / d w = mask``.
+    """
+    return apply("ltp_mask", w, tau, temperature, exact_grad=exact_grad)
+
+
+def ltp_l0(w, tau, temperature, weight_grad: bool = True) -> Tensor:
+    """LTP's differentiable L0 count ``sum(sigmoid((w^2 - tau) / temperature))``, a scalar.
+
+    ``weight_grad=False`` sends its gradient to ``tau`` only.
+    """
+    return apply("ltp_l0", w, tau, temperature, weight_grad=weight_grad)
+
+
+def scp_channel_mask(
+    gamma, beta, noise, *, k: float, c0: float, t: float, eps: float, training: bool
+) -> Tensor:
+    """SCP's per-channel mask from the BN scale ``gamma`` and shift ``beta``, shape (C,).
+
+    Training: the relaxed keep sample ``sigmoid((k (c0 - P) + noise) / t)`` with
+    ``P = Phi((eps - beta) / (|gamma| + 1e-8))`` and logistic ``noise`` drawn by
+    the caller. Evaluation: the hard mask ``[P <= c0]`` (``noise`` is ignored and
+    may be None; the gradients are zero).
+    """
+    return apply("scp_channel_mask", gamma, beta, noise, k=k, c0=c0, t=t, eps=eps, training=training)
 
 
 def softmax_cross_entropy(logits, labels, label_smoothing: float = 0.0) -> Tensor:

@@ -12,13 +12,15 @@ Every op ``name`` is two functions::
 Families (each module's docstring numbers its equations; each backward line
 cites the equation it implements):
 
-- :mod:`.elementwise`: broadcasting arithmetic, ReLU, sum and mean
+- :mod:`.elementwise`: broadcasting arithmetic, ReLU, absolute value, sum and mean
 - :mod:`.shape`: reshape
 - :mod:`.linalg`: matmul and linear
 - :mod:`.conv`: conv2d via im2col (stride, padding, groups, depthwise)
 - :mod:`.norm`: batch norm (training and evaluation)
 - :mod:`.pooling`: max, average and global average pooling
 - :mod:`.loss`: softmax cross-entropy with label smoothing
+- :mod:`.sparsity`: STR soft threshold, LTP soft mask and differentiable L0,
+  SCP channel mask
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from .loss import *  # noqa: F401,F403
 from .norm import *  # noqa: F401,F403
 from .pooling import *  # noqa: F401,F403
 from .shape import *  # noqa: F401,F403
+from .sparsity import *  # noqa: F401,F403
 
 
 def op_names() -> list[str]:

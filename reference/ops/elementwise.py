@@ -1,4 +1,4 @@
-"""Elementwise arithmetic with broadcasting, ReLU, and the sum and mean reductions.
+"""Elementwise arithmetic with broadcasting, ReLU, absolute value, and the sum and mean reductions.
 
 Broadcasting. For ``y = f(a, b)`` with ``a`` and ``b`` broadcast to ``y.shape``,
 the chain rule sums over every axis along which an input was repeated::
@@ -23,6 +23,10 @@ Reductions::
 
     sum:  y = sum_A x     dx = broadcast(dy, x.shape)                        (7)
     mean: y = sum_A x / n dx = broadcast(dy, x.shape) / n,  n = prod(x.shape[A])   (8)
+
+Absolute value, with the subgradient at the kink fixed to ``sign(0) = 0``::
+
+    y = |x|               dx = dy * sign(x)                                  (9)
 
 A Python scalar operand gets no gradient (its slot in the result is None).
 """
@@ -49,6 +53,8 @@ __all__ = [
     "sum_backward",
     "mean_forward",
     "mean_backward",
+    "abs_forward",
+    "abs_backward",
 ]
 
 
@@ -174,3 +180,15 @@ def mean_forward(x, axis=None, keepdims: bool = False):
 def mean_backward(dy, cache: ReduceCache):
     dy = _expand(dy, cache) / cache.count
     return (np.broadcast_to(dy, cache.x_shape).copy(),)  # (8)
+
+
+class AbsCache(NamedTuple):
+    sign: np.ndarray  # sign(x), 0 at x == 0: the subgradient of (9)
+
+
+def abs_forward(x):
+    return np.abs(x), AbsCache(np.sign(x))
+
+
+def abs_backward(dy, cache: AbsCache):
+    return (dy * cache.sign,)  # (9)

@@ -4,7 +4,7 @@ Each family module exports ``CASES: list[OpCase]``; adding an op means adding
 its kernels and one entry in its family's list.
 """
 
-from . import conv, elementwise, linalg, loss, norm, pooling, shape
+from . import conv, elementwise, linalg, loss, norm, pooling, shape, sparsity
 
 CASES = [
     *elementwise.CASES,
@@ -14,4 +14,5 @@ CASES = [
     *norm.CASES,
     *pooling.CASES,
     *loss.CASES,
+    *sparsity.CASES,
 ]
