@@ -158,7 +158,10 @@ class SGD:
                 if momentum != 0.0:
                     buf = self._buffers.get((gi, pi))
                     if buf is None:
-                        buf = g.copy()  # (2)  a copy: g may be the grad array itself
+                        # (2) a new array: g may be the grad array itself, or a NumPy scalar for a 0-d
+                        # parameter (0-d arithmetic returns scalars, which cannot be updated in place)
+                        buf = data.copy()
+                        buf[...] = g
                         self._buffers[(gi, pi)] = buf
                     else:
                         buf *= momentum  # (3)

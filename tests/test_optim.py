@@ -308,3 +308,17 @@ def test_matches_scalar_reimplementation(lr, momentum, nesterov, wd, p0, data):
     expected = [scalar_sgd(x, [g[i] for g in grads], lr, momentum, nesterov, wd) for i, x in enumerate(p0)]
     np.testing.assert_allclose(p.data, expected, rtol=1e-12, atol=1e-12)
     assert all(math.isfinite(v) for v in p.data)
+
+
+def test_zero_dimensional_parameter_follows_the_same_trajectory_as_a_vector():
+    """A 0-d parameter (a per-layer threshold) must keep a real momentum buffer."""
+    scalar = Tensor(np.array(0.5, dtype=np.float32), requires_grad=True)
+    vector = Tensor(np.array([0.5], dtype=np.float32), requires_grad=True)
+    opts = [SGD([p], lr=0.1, momentum=0.9, weight_decay=0.01) for p in (scalar, vector)]
+    for step in range(4):
+        for p, opt in zip((scalar, vector), opts):
+            p.grad = np.full(p.shape, 0.25 * (step + 1), dtype=np.float32)
+            opt.step()
+        assert scalar.data.shape == () and float(scalar.data) == float(vector.data[0])
+    state = opts[0].state_dict()
+    assert all(hasattr(buf, "shape") for buf in state["momentum_buffers"].values())
