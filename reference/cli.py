@@ -5,6 +5,10 @@ Subcommands::
     learnsparse train [--config FILE.toml] [--resume CKPT] [--run-dir DIR] [--quiet] [--<setting> VALUE ...]
     learnsparse eval CHECKPOINT [--data-root DIR] [--batch-size N]
     learnsparse info MODEL [--input-size N] [--num-classes N] [--width W] [--in-channels C]
+    learnsparse report CHECKPOINT [--out DIR] [--no-plots]
+    learnsparse report --budget FILE.csv --model MODEL [--column NAME] [--input-size N] [--num-classes N]
+    learnsparse finalize CHECKPOINT -o OUT.npz [--trail-sparsity X]
+    learnsparse export CHECKPOINT -o OUT.safetensors [--csr]
 
 Every setting of :class:`reference.config.TrainConfig` is a flag of ``train``
 (``batch_size`` is ``--batch-size``; true/false settings come as
@@ -104,6 +108,43 @@ def build_parser() -> argparse.ArgumentParser:
     p_info.add_argument("--num-classes", type=int, help="number of classes (default: the model's usual)")
     p_info.add_argument("--width", type=float, default=1.0, help="channel width multiplier (default: 1.0)")
     p_info.add_argument("--in-channels", type=int, help="input channels (default: the model's usual)")
+
+    p_report = sub.add_parser(
+        "report",
+        help="per-layer sparsity, thresholds and MACs of a checkpoint, or the cost of a budget file",
+        description="Report a checkpoint (report.md, .csv, .json and plots), or cost a per-layer budget "
+        "file on a model without training (--budget, --model).",
+    )
+    p_report.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT", help="a .npz checkpoint")
+    p_report.add_argument("--out", metavar="DIR", help="output directory (default: report-<name> next to it)")
+    p_report.add_argument("--no-plots", action="store_true", help="skip sparsity.png and weights.png")
+    p_report.add_argument("--budget", metavar="FILE.csv", help="a per-layer budget file to cost")
+    p_report.add_argument("--model", help="model name for --budget")
+    p_report.add_argument("--column", help="budget column, e.g. 90.23 (default: the only one)")
+    p_report.add_argument("--input-size", type=int, help="--budget: input side (default: the model's usual)")
+    p_report.add_argument("--num-classes", type=int, help="--budget: classes (default: the model's usual)")
+
+    p_final = sub.add_parser(
+        "finalize",
+        help="bake a sparse checkpoint into plain weights (W_eff, masks applied, SCP channels removed)",
+    )
+    p_final.add_argument("checkpoint", metavar="CHECKPOINT", help="a .npz checkpoint written by train")
+    p_final.add_argument("-o", "--output", required=True, metavar="OUT.npz", help="the finalized checkpoint")
+    p_final.add_argument(
+        "--trail-sparsity",
+        type=float,
+        metavar="X",
+        help="finalize the snapshot of the run's trail (LTP) chosen for this sparsity, a fraction such as 0.9",
+    )
+
+    p_export = sub.add_parser(
+        "export", help="write a checkpoint's finalized weights as safetensors with torchvision names"
+    )
+    p_export.add_argument("checkpoint", metavar="CHECKPOINT", help="a trained or finalized .npz checkpoint")
+    p_export.add_argument("-o", "--output", required=True, metavar="OUT.safetensors", help="the output file")
+    p_export.add_argument(
+        "--csr", action="store_true", help="store conv and fc weights in compressed sparse row form"
+    )
     return parser
 
 
@@ -146,7 +187,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from reference.checkpoint import load_checkpoint
-    from reference.train import build_data, build_model_for, evaluate
+    from reference.finalize import load_model_from_checkpoint
+    from reference.train import build_data, evaluate
 
     ckpt = load_checkpoint(args.checkpoint)
     where = str(ckpt.path)
@@ -160,11 +202,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if batch_size <= 0:
         raise ConfigError(f"--batch-size must be a positive integer, got {batch_size}")
     data = build_data(config)
-    model = build_model_for(config, data)
-    try:
-        model.load_state_dict(ckpt.model_state, strict=True)
-    except CheckpointError as exc:
-        raise CheckpointError(f"checkpoint {where!r} does not fit model {config.model!r}: {exc}") from None
+    model = load_model_from_checkpoint(ckpt, data=data).model
     loss, acc = evaluate(model, data.x_test, data.y_test, batch_size)
     _print(f"checkpoint {where!r}: {config.model} on {config.dataset}, {ckpt.epoch} epochs trained")
     _print(f"test loss {loss:.4f}, accuracy {acc:.2%} ({len(data.y_test)} images)")
@@ -173,14 +211,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from reference.accounting import summarize
-    from reference.models import MODEL_NAMES
 
-    if args.model not in MODEL_NAMES:
-        raise ConfigError(f"unknown model {args.model!r}; expected one of: {', '.join(MODEL_NAMES)}")
-    for name in ("input_size", "num_classes", "in_channels"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    _check_model_flags(args, ("input_size", "num_classes", "in_channels"))
     if not args.width > 0:
         raise ConfigError(f"--width must be a positive number, got {args.width}")
     _print(
@@ -195,11 +227,91 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_model_flags(args: argparse.Namespace, sizes: tuple[str, ...]) -> None:
+    """A known ``--model`` / MODEL and positive integers in the flags named by ``sizes``."""
+    from reference.models import MODEL_NAMES
+
+    if args.model not in MODEL_NAMES:
+        raise ConfigError(f"unknown model {args.model!r}; expected one of: {', '.join(MODEL_NAMES)}")
+    for name in sizes:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if args.budget is not None:
+        if args.checkpoint is not None or args.out is not None:
+            raise ConfigError("report: give either CHECKPOINT [--out DIR] or --budget FILE.csv --model MODEL")
+        return _report_budget(args)
+    if args.checkpoint is None:
+        raise ConfigError("report: give a CHECKPOINT, or --budget FILE.csv --model MODEL")
+    stray = [f for f in ("model", "column", "input_size", "num_classes") if getattr(args, f) is not None]
+    if stray:
+        flags = ", ".join("--" + f.replace("_", "-") for f in stray)
+        raise ConfigError(f"report: {flags} only go with --budget")
+    from reference.report import write_report
+
+    checkpoint = Path(args.checkpoint)
+    out = Path(args.out) if args.out is not None else checkpoint.parent / f"report-{checkpoint.stem}"
+    result = write_report(checkpoint, out, plots=not args.no_plots)
+    _print(result.text)
+    for note in result.notes:
+        _print(f"note: {note}")
+    _print(f"wrote {', '.join(p.name for p in result.paths)} to {str(out)!r}")
+    return 0
+
+
+def _report_budget(args: argparse.Namespace) -> int:
+    from reference.sparsity.budgets import cost_budget_report
+
+    if args.model is None:
+        raise ConfigError("report --budget needs --model MODEL (the model to cost the budget on)")
+    _check_model_flags(args, ("input_size", "num_classes"))
+    _print(cost_budget_report(args.model, args.budget, args.column, args.input_size, args.num_classes))
+    return 0
+
+
+def _cmd_finalize(args: argparse.Namespace) -> int:
+    from reference.finalize import finalize_checkpoint
+
+    path, summary = finalize_checkpoint(args.checkpoint, args.output, trail_sparsity=args.trail_sparsity)
+    compression = f"{summary.weights / summary.nonzeros:.2f}x" if summary.nonzeros else "infinite"
+    slimmed = "; channels removed (slimmed)" if summary.slimmed else ""
+    _print(
+        f"finalized {len(summary.layers)} sparse layers{slimmed}: sparsity {summary.sparsity:.2%} of "
+        f"{summary.weights:,} conv+fc weights (compression {compression}); wrote {str(path)!r}"
+    )
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from reference.export import export_safetensors
+    from reference.finalize import finalize, has_sparsity_modules, load_model_from_checkpoint
+
+    model = load_model_from_checkpoint(args.checkpoint).model
+    if has_sparsity_modules(model):
+        finalize(model)
+    path = export_safetensors(model, args.output, csr=args.csr)
+    form = "CSR conv/fc weights" if args.csr else "dense weights"
+    _print(f"wrote {str(path)!r} ({form}, torchvision names, {path.stat().st_size:,} bytes)")
+    return 0
+
+
 def _print(message: str) -> None:
     print(message, flush=True)
 
 
-_COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "info": _cmd_info}
+_COMMANDS = {
+    "train": _cmd_train,
+    "eval": _cmd_eval,
+    "info": _cmd_info,
+    "report": _cmd_report,
+    "finalize": _cmd_finalize,
+    "export": _cmd_export,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -75,8 +75,8 @@ class TrainConfig:
     threshold_decay: float | None = None
     str_s_init: float = -5.0
     str_per_channel: bool = False
-    ltp_lambda: float = 1e-4
-    ltp_t0: float = 1e-3
+    ltp_lambda: float = 1e-5
+    ltp_t0: float = 1.0
     ltp_tau_init: float = 0.0
     ltp_exact_grad: bool = True
     ltp_l0_weight_grad: bool = True

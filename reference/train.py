@@ -581,4 +581,11 @@ def _summary(result: TrainResult, data, log: Log) -> None:
         f"(best {result.best_acc:.2%} at epoch {result.best_epoch}), {result.seconds:.1f}s; "
         f"checkpoint {str(result.checkpoint)!r}"
     )
-    log(summarize_model(result.model, tuple(data.x_test.shape[1:])))
+    if result.config.target_sparsity is not None and "sparsity" in m:
+        log(f"sparsity: requested {result.config.target_sparsity:.2%}, achieved {m['sparsity']:.2%}")
+    if result.config.method == "dense":
+        log(summarize_model(result.model, tuple(data.x_test.shape[1:])))
+    else:  # the sparsity report: per-layer thresholds, nonzeros and MACs in evaluation mode
+        from reference.report import report_text
+
+        log(report_text(result.model, tuple(data.x_test.shape[1:])))

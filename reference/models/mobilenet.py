@@ -16,6 +16,12 @@ All convs have no bias. Parameter names therefore look like
 ``features.0.conv.weight``, ``features.3.dw.weight``, ``features.3.pw_bn.running_var``,
 ``fc.bias``.
 
+Channel pruning (:meth:`MobileNetV1.channel_groups`): every BN feeds a ReLU. A
+depthwise conv maps channel c to channel c, so the output channels of the stem
+and of each pointwise conv form one group with the next block's depthwise conv
+and its BN (a depthwise chain, read by that block's pointwise conv); the last
+pointwise conv's channels are read by ``fc``.
+
 Width multiplier: every channel count ``c`` becomes ``scale_channels(c, width)``
 = ``max(8, round(c * width))``, the stem and the classifier's input included;
 at widths 0.25, 0.5, 0.75 and 1 this gives the usual counts (all multiples of 8).
@@ -29,7 +35,7 @@ import numpy as np
 
 from reference import functional as F
 from reference.autodiff import Tensor
-from reference.models.common import check_model_args, scale_channels
+from reference.models.common import ChannelGroup, check_model_args, scale_channels
 from reference.nn import BatchNorm2d, Conv2d, GlobalAvgPool2d, Linear, Module, Sequential
 from reference.nn.module import Shape, TraceVisitor
 
@@ -121,6 +127,17 @@ class MobileNetV1(Module):
         self.features = Sequential(*layers)
         self.avgpool = GlobalAvgPool2d()
         self.fc = Linear(scale_channels(1024, width), num_classes, rng=rng, dtype=dtype)
+
+    def channel_groups(self) -> list[ChannelGroup]:
+        """Stem or pointwise conv -> BN -> next depthwise conv -> BN -> next pointwise conv; last pw -> fc."""
+        stem, *blocks = list(self.features)
+        producers = [(stem.conv, stem.bn)] + [(b.pw, b.pw_bn) for b in blocks]
+        groups = [
+            ChannelGroup(conv, bn, (nxt.pw,), depthwise=nxt.dw, depthwise_bn=nxt.dw_bn, consumer_bn=nxt.pw_bn)
+            for (conv, bn), nxt in zip(producers, blocks)
+        ]
+        conv, bn = producers[-1]
+        return groups + [ChannelGroup(conv, bn, (self.fc,))]
 
     def forward(self, x: Any) -> Tensor:
         return self.fc(self.avgpool(self.features(x)))  # (N, C, H, W) -> (N, C) -> (N, classes)

@@ -29,6 +29,12 @@ is a plain conv that the sparsity methods, the accounting and the exporters
 treat like any other layer. It adds two 1x1 convs (2,560 weights at width 1)
 to each CIFAR ResNet.
 
+Channel pruning (:meth:`ResNet.channel_groups`): only the channels inside a
+block are prunable, the outputs of every BN of the main path but the last (bn1
+in a basic block; bn1 and bn2 in a bottleneck), each read by the next conv. The
+residual stream (the stem, each block's last BN, the projections) is not
+listed: its channels are tied across blocks by the additions.
+
 ``zero_init_residual=True`` starts each block's last BN scale at 0 so that every
 block begins as the identity; it is off by default.
 
@@ -44,7 +50,7 @@ import numpy as np
 from reference import functional as F
 from reference.autodiff import Tensor
 from reference.errors import ConfigError, ShapeError
-from reference.models.common import check_model_args, scale_channels
+from reference.models.common import ChannelGroup, check_model_args, scale_channels
 from reference.nn import BatchNorm2d, Conv2d, GlobalAvgPool2d, Linear, MaxPool2d, Module, ReLU, Sequential
 from reference.nn.module import Shape, TraceVisitor
 
@@ -72,6 +78,13 @@ class _ResidualBlock(Module):
 
     def main_path(self) -> tuple[Module, ...]:
         raise NotImplementedError
+
+    def channel_groups(self) -> list[ChannelGroup]:
+        """(conv, BN, next conv) for every BN of the main path that feeds a ReLU (all but the last)."""
+        layers = self.main_path()
+        return [
+            ChannelGroup(layers[i], layers[i + 1], (layers[i + 2],)) for i in range(0, len(layers) - 2, 2)
+        ]
 
     @property
     def last_bn(self) -> BatchNorm2d:
@@ -199,6 +212,15 @@ class ResNet(Module):
             for module in self.modules():
                 if isinstance(module, (BasicBlock, Bottleneck)):
                     module.last_bn.weight.data[...] = 0
+
+    def channel_groups(self) -> list[ChannelGroup]:
+        """Every block's prunable groups, in forward order (the residual stream is not prunable)."""
+        return [
+            group
+            for stage_name in self.stage_names
+            for block in getattr(self, stage_name)
+            for group in block.channel_groups()
+        ]
 
     def _stem(self) -> list[Module]:
         return [self.conv1, self.bn1, self.relu] + ([self.maxpool] if self.maxpool is not None else [])

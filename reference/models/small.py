@@ -8,6 +8,10 @@ Layers (channels at width 1; ``scale_channels`` scales them), with parameter nam
     avgpool  global average                            (N, 64)
     fc     64 -> num_classes (with bias)
 
+Channel pruning (:meth:`DigitsCNN.channel_groups`): each of bn1, bn2, bn3 feeds
+a ReLU, so each conv's channels can be removed; bn3's channels are read by ``fc``
+through the average pool.
+
 At width 1 with one input channel and 10 classes: 23,824 conv+fc weights and
 about 0.38 M MACs per image. Any input of at least 1x1 pixels works.
 """
@@ -20,7 +24,7 @@ import numpy as np
 
 from reference import functional as F
 from reference.autodiff import Tensor
-from reference.models.common import check_model_args, scale_channels
+from reference.models.common import ChannelGroup, check_model_args, scale_channels
 from reference.nn import BatchNorm2d, Conv2d, GlobalAvgPool2d, Linear, Module, ReLU
 from reference.nn.module import Shape, TraceVisitor
 
@@ -60,6 +64,14 @@ class DigitsCNN(Module):
             self.conv3, self.bn3, self.relu,
             self.avgpool, self.fc,
         ]  # fmt: skip
+
+    def channel_groups(self) -> list[ChannelGroup]:
+        """The prunable channels: conv1 -> bn1 -> conv2, conv2 -> bn2 -> conv3, conv3 -> bn3 -> fc."""
+        return [
+            ChannelGroup(self.conv1, self.bn1, (self.conv2,)),
+            ChannelGroup(self.conv2, self.bn2, (self.conv3,)),
+            ChannelGroup(self.conv3, self.bn3, (self.fc,)),
+        ]
 
     def forward(self, x: Any) -> Tensor:
         x = F.relu(self.bn1(self.conv1(x)))

@@ -266,6 +266,14 @@ class BatchNorm2d(Module):
     averages toward them (see :func:`reference.functional.batch_norm`) and
     counts the step in ``num_batches_tracked``; evaluation mode normalises with
     the running statistics. Training needs more than one value per channel.
+
+    A channel-pruning method installs a sub-module as ``bn.channel_mask``: a map
+    ``(weight, bias) -> m``, a Tensor of shape (C,) with ``m >= 0``. The output is
+    then ``BN(x) * m`` (m broadcast over N, H, W), and in training only the
+    channels with ``m > 0.5`` (the sampled "keep" decisions) update the running
+    statistics. For a BN followed by a ReLU, ``ReLU(BN(x) * m) = ReLU(BN(x)) * m``
+    because ``m >= 0``: this is the mask after the ReLU. Without a mask the layer
+    is plain batch norm.
     """
 
     def __init__(
@@ -308,6 +316,15 @@ class BatchNorm2d(Module):
         self._check(input_shape)
         return tuple(input_shape)
 
+    @property
+    def channel_mask(self) -> Module | None:
+        """The installed channel mask; assign a Module to install one, None to remove it."""
+        return self._modules.get("channel_mask")
+
+    def trace(self, input_shape: Shape, visit: TraceVisitor) -> Shape:
+        """A leaf for shape tracing, with or without a channel mask."""
+        return self.trace_as_leaf(input_shape, visit)
+
     def forward(self, x: Any) -> Tensor:
         shape = tuple(x.shape)
         self._check(shape, x.dtype)
@@ -315,6 +332,13 @@ class BatchNorm2d(Module):
             raise ShapeError(
                 f"BatchNorm2d(num_features={self.num_features}): training needs more than one value "
                 f"per channel, got input of shape {shape}"
+            )
+        masker = self.channel_mask
+        mask = None if masker is None else masker(self.weight, self.bias)  # (C,)
+        if mask is not None and tuple(mask.shape) != (self.num_features,):
+            raise ShapeError(
+                f"BatchNorm2d(num_features={self.num_features}): channel_mask returned shape "
+                f"{tuple(mask.shape)}, expected ({self.num_features},)"
             )
         y = F.batch_norm(
             x,
@@ -325,7 +349,10 @@ class BatchNorm2d(Module):
             training=self.training,
             momentum=self.momentum,
             eps=self.eps,
+            update_mask=(mask.data > 0.5) if mask is not None and self.training else None,
         )
+        if mask is not None:  # (C,) -> (1, C, 1, 1) or (1, C): broadcast over N (and H, W)
+            y = F.mul(y, F.reshape(mask, (1, self.num_features) + (1,) * (len(shape) - 2)))
         if self.training:
             self.num_batches_tracked += 1  # in place: the 0-d array keeps its identity
         return y

@@ -1,0 +1,492 @@
+"""Per-layer sparsity reports: a table in the terminal, and Markdown, CSV, JSON and plots on disk.
+
+:func:`layer_report` gives one row per conv, fc and global average pool, in
+forward order (the rows of :func:`reference.accounting.profile`), then a totals
+row. Columns (:data:`COLUMNS`)::
+
+    layer          dotted module name ("total" for the totals row)
+    kind           conv, dwconv, gconv, fc or pool
+    shape          weight shape as "64x3x7x7" ("" for the pool and the totals)
+    params         weights of the layer (no bias)
+    nonzeros       nonzero entries of the weight the layer computes with (eval mode)
+    sparsity_pct   100 * (1 - nonzeros / params)
+    compression    params / nonzeros (None when every weight is zero)
+    threshold      the magnitude below which the layer's weights are zero, where the
+                   method has one: g = sigmoid(s) for STR, sqrt(tau) for LTP (the mean
+                   over channels for a per-channel threshold); None otherwise
+    channels_kept  output channels the batch norm after the layer keeps, where a
+                   channel mask is installed (SCP); None otherwise
+    dense_macs     multiply-accumulates per image of the dense layer
+    sparse_macs    dense_macs * nonzeros / params
+
+The totals row sums conv and fc weights only: its sparsity and compression use
+the conv+fc weights as the denominator (biases and BN parameters are not
+counted), and its MACs include the global average pool, as in
+:mod:`reference.accounting` (METHODS.md section 6).
+
+:func:`write_report` rebuilds a model from a checkpoint and writes
+``report.md``, ``report.csv`` and ``report.json`` (each atomically), and, where
+matplotlib is installed, ``sparsity.png`` (per-layer sparsity) and
+``weights.png`` (histograms of the latent weights of a few layers with the
+threshold marked).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reference.accounting import profile, totals
+from reference.autodiff import Tensor, no_grad
+from reference.checkpoint import temporary_name
+from reference.errors import ConfigError
+from reference.nn import BatchNorm2d, Module, WeightLayer
+
+__all__ = [
+    "COLUMNS",
+    "ReportFiles",
+    "format_report",
+    "layer_report",
+    "layer_threshold",
+    "report_text",
+    "to_csv",
+    "to_json",
+    "to_markdown",
+    "write_atomic",
+    "write_report",
+]
+
+COLUMNS = (
+    "layer",
+    "kind",
+    "shape",
+    "params",
+    "nonzeros",
+    "sparsity_pct",
+    "compression",
+    "threshold",
+    "channels_kept",
+    "dense_macs",
+    "sparse_macs",
+)
+
+DENOMINATOR_NOTE = (
+    "Sparsity and compression are over the conv and fc weights (biases and BN parameters are not "
+    "counted); MACs are per image and include the global average pool."
+)
+
+
+# ---------------------------------------------------------------------------
+# What a method exposes (duck-typed)
+
+
+def _host_float(value: Any) -> np.ndarray:
+    """A Tensor, NumPy or CuPy array, or number as a float64 NumPy array."""
+    if isinstance(value, Tensor):
+        value = value.numpy()
+    get = getattr(value, "get", None)
+    if callable(get) and not isinstance(value, np.ndarray):
+        value = get()
+    return np.asarray(value, dtype=np.float64)
+
+
+def layer_threshold(layer: WeightLayer) -> float | None:
+    """The magnitude threshold on ``|W|`` of ``layer``'s sparsifier, or None.
+
+    Looked up in order: a ``threshold()`` method (taken as a threshold on
+    ``|W|``), a parameter ``s`` (STR: ``g = sigmoid(s)``), a parameter ``tau``
+    (LTP, a threshold on ``W^2``: ``sqrt(max(tau, 0))``). A per-channel
+    threshold is reported as its mean.
+    """
+    sparsifier = layer.sparsifier
+    if sparsifier is None:
+        return None
+    method = getattr(sparsifier, "threshold", None)
+    if callable(method):
+        g = _host_float(method())
+    elif getattr(sparsifier, "s", None) is not None:
+        s = _host_float(sparsifier.s)
+        g = 0.5 * (1.0 + np.tanh(0.5 * s))  # sigmoid(s), without overflow for s = -3200
+    elif getattr(sparsifier, "tau", None) is not None:
+        g = np.sqrt(np.maximum(_host_float(sparsifier.tau), 0.0))
+    else:
+        return None
+    return float(np.mean(g)) if g.size else None
+
+
+def channel_keep_mask(bn: Module) -> np.ndarray | None:
+    """The channels a batch norm's channel mask keeps, as booleans (call in eval mode); None without one.
+
+    Uses the mask's contract (:class:`reference.nn.BatchNorm2d`): ``bn.channel_mask``
+    maps ``(weight, bias)`` to ``m`` of shape (C,); a channel is kept where ``m > 0``.
+    """
+    mask_module = getattr(bn, "channel_mask", None)
+    if not isinstance(mask_module, Module):
+        return None
+    with no_grad():
+        m = mask_module(bn.weight, bn.bias)
+    return _host_float(m).reshape(-1) > 0
+
+
+def _extras(model: Module, input_shape: tuple[int, ...]) -> dict[str, tuple[float | None, int | None]]:
+    """Layer name -> (threshold, channels kept by the batch norm that follows it in forward order)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    order: list[Module] = []
+    model.trace(input_shape, lambda layer, _i, _o: order.append(layer))
+    out: dict[str, tuple[float | None, int | None]] = {}
+    for i, layer in enumerate(order):
+        if not isinstance(layer, WeightLayer):
+            continue
+        kept = None
+        following = order[i + 1] if i + 1 < len(order) else None
+        if isinstance(following, BatchNorm2d):
+            keep = channel_keep_mask(following)
+            kept = None if keep is None else int(keep.sum())
+        out[names.get(id(layer), "")] = (layer_threshold(layer), kept)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Rows
+
+
+def _shape_text(shape: tuple[int, ...] | None) -> str:
+    return "" if shape is None else "x".join(str(d) for d in shape)
+
+
+def layer_report(model: Module, input_shape: Sequence[int]) -> list[dict[str, Any]]:
+    """One row per conv, fc and global pool of ``model`` (see :data:`COLUMNS`), then a totals row.
+
+    ``input_shape`` is one image's (C, H, W) or (N, C, H, W). The model is
+    looked at in evaluation mode (the weights inference computes with, e.g.
+    LTP's hard mask); its mode is restored afterwards.
+    """
+    shape = tuple(int(d) for d in input_shape)
+    was_training = model.training
+    model.eval()
+    try:
+        with no_grad():
+            costs = profile(model, shape)
+            extras = _extras(model, (1,) + (shape[1:] if len(shape) == 4 else shape))
+    finally:
+        model.train(was_training)
+    rows: list[dict[str, Any]] = []
+    for c in costs:
+        threshold, kept = extras.get(c.name, (None, None))
+        weighted = c.params > 0
+        rows.append(
+            {
+                "layer": c.name,
+                "kind": c.kind,
+                "shape": _shape_text(c.weight_shape),
+                "params": c.params,
+                "nonzeros": c.nonzeros,
+                "sparsity_pct": 100.0 * (1.0 - c.nonzeros / c.params) if weighted else None,
+                "compression": c.params / c.nonzeros if weighted and c.nonzeros else None,
+                "threshold": threshold,
+                "channels_kept": kept,
+                "dense_macs": c.dense_macs,
+                "sparse_macs": c.sparse_macs,
+            }
+        )
+    t = totals(costs)
+    kept_counts = [r["channels_kept"] for r in rows if r["channels_kept"] is not None]
+    rows.append(
+        {
+            "layer": "total",
+            "kind": "",
+            "shape": "",
+            "params": t.weights,
+            "nonzeros": t.nonzeros,
+            "sparsity_pct": 100.0 * t.sparsity,
+            "compression": t.compression if t.nonzeros else None,
+            "threshold": None,
+            "channels_kept": sum(kept_counts) if kept_counts else None,
+            "dense_macs": t.dense_macs,
+            "sparse_macs": t.sparse_macs,
+        }
+    )
+    return rows
+
+
+def _cell(column: str, value: Any) -> str:
+    """A value as shown in the text and Markdown tables."""
+    if value is None:
+        return "-"
+    if column in ("params", "nonzeros", "dense_macs", "sparse_macs", "channels_kept"):
+        return f"{value:,}"
+    if column == "sparsity_pct":
+        return f"{value:.2f}%"
+    if column == "compression":
+        return f"{value:.2f}x"
+    if column == "threshold":
+        return f"{value:.4g}"
+    return str(value) if value != "" else "-"
+
+
+_HEADERS = {
+    "layer": "layer",
+    "kind": "kind",
+    "shape": "weight shape",
+    "params": "weights",
+    "nonzeros": "nonzero",
+    "sparsity_pct": "sparsity",
+    "compression": "compression",
+    "threshold": "threshold",
+    "channels_kept": "channels kept",
+    "dense_macs": "MACs",
+    "sparse_macs": "sparse MACs",
+}
+_TEXT_COLUMNS = {"layer", "kind", "shape"}
+
+
+def _shown_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """All columns, less threshold / channels kept where no layer has one."""
+    return [
+        c for c in COLUMNS if c not in ("threshold", "channels_kept") or any(r[c] is not None for r in rows)
+    ]
+
+
+def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The totals row of :func:`layer_report` in words, saying which denominator each number uses."""
+    t = rows[-1]
+    pool = sum(r["dense_macs"] for r in rows[:-1] if r["kind"] == "pool")
+    compression = "infinite" if t["compression"] is None else f"{t['compression']:.2f}x"
+    lines = [
+        f"sparsity:     {t['sparsity_pct']:.2f}% of the conv+fc weights are zero "
+        f"({t['params'] - t['nonzeros']:,} of {t['params']:,}; {t['nonzeros']:,} nonzero)",
+        f"compression:  {compression} (conv+fc weights / nonzero conv+fc weights)",
+        f"MACs per image: {t['dense_macs']:,} dense, {t['sparse_macs']:,} sparse "
+        f"(including the global average pool, {pool:,})",
+    ]
+    masked = [r for r in rows[:-1] if r["channels_kept"] is not None]
+    if masked:
+        channels = sum(int(r["shape"].split("x")[0]) for r in masked)
+        lines.append(
+            f"channels:     the channel masks keep {t['channels_kept']:,} of {channels:,} masked channels; "
+            "the weights and MACs above count the layers before slimming (finalize to remove the channels)"
+        )
+    return lines
+
+
+def format_report(rows: list[dict[str, Any]]) -> str:
+    """An aligned text table of :func:`layer_report`'s rows (totals last)."""
+    columns = _shown_columns(rows)
+    header = [_HEADERS[c] for c in columns]
+    body = [[_cell(c, r[c]) for c in columns] for r in rows]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(columns))]
+
+    def line(cells: list[str]) -> str:
+        parts = [
+            cell.ljust(w) if c in _TEXT_COLUMNS else cell.rjust(w)
+            for c, cell, w in zip(columns, cells, widths)
+        ]
+        return "  ".join(parts).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), rule, *(line(b) for b in body[:-1]), rule, line(body[-1])])
+
+
+def report_text(model: Module, input_shape: Sequence[int]) -> str:
+    """The per-layer table of ``model`` followed by the totals in words."""
+    rows = layer_report(model, input_shape)
+    return "\n".join([format_report(rows), "", *summary_lines(rows)])
+
+
+# ---------------------------------------------------------------------------
+# Markdown, CSV, JSON
+
+
+def _info_lines(info: dict[str, Any]) -> list[str]:
+    return [f"- {key}: {value}" for key, value in info.items() if value is not None]
+
+
+def to_markdown(rows: list[dict[str, Any]], info: dict[str, Any] | None = None) -> str:
+    """A Markdown document: what was reported, the per-layer table, the totals in words."""
+    columns = _shown_columns(rows)
+    lines = ["# Sparsity report", ""]
+    if info:
+        lines += [*_info_lines(info), ""]
+    lines.append("| " + " | ".join(_HEADERS[c] for c in columns) + " |")
+    lines.append("| " + " | ".join("---" if c in _TEXT_COLUMNS else "---:" for c in columns) + " |")
+    for r in rows:
+        cells = [_cell(c, r[c]) for c in columns]
+        if r is rows[-1]:
+            cells = [f"**{cell}**" for cell in cells]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", *(f"- {s}" for s in summary_lines(rows)), "", DENOMINATOR_NOTE, ""]
+    return "\n".join(lines)
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    """One line per row with the columns of :data:`COLUMNS`; None is an empty cell."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for r in rows:
+        writer.writerow(
+            ["" if r[c] is None else (repr(r[c]) if isinstance(r[c], float) else r[c]) for c in COLUMNS]
+        )
+    return buf.getvalue()
+
+
+def to_json(rows: list[dict[str, Any]], info: dict[str, Any] | None = None) -> str:
+    """``{"info": ..., "denominator": ..., "layers": [rows], "totals": row}`` as strict JSON."""
+    doc = {"info": info or {}, "denominator": DENOMINATOR_NOTE, "layers": rows[:-1], "totals": rows[-1]}
+    return json.dumps(doc, indent=2, allow_nan=False) + "\n"
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Replace ``path``'s contents with ``data`` atomically (temporary file in the same directory, rename)."""
+    path = Path(path)
+    tmp = path.parent / temporary_name(path.name)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    try:
+        with open(tmp, "xb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Plots (matplotlib is optional)
+
+
+def _plot_layers(model: Module, count: int = 4) -> list[tuple[str, WeightLayer]]:
+    """Up to ``count`` weight layers spread over the depth: the first, the last and evenly between."""
+    from reference.nn import weight_layers
+
+    layers = weight_layers(model)
+    if len(layers) <= count:
+        return layers
+    picks = sorted({round(i * (len(layers) - 1) / (count - 1)) for i in range(count)})
+    return [layers[i] for i in picks]
+
+
+def _save_figure(fig: Any, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return write_atomic(path, buf.getvalue())
+
+
+def write_plots(
+    model: Module, rows: list[dict[str, Any]], out_dir: str | Path
+) -> tuple[list[Path], str | None]:
+    """``sparsity.png`` and ``weights.png`` in ``out_dir``; returns (paths, None), or ([], a note)
+    when matplotlib is not installed."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return (
+            [],
+            "matplotlib is not installed: sparsity.png and weights.png were skipped (pip install matplotlib)",
+        )
+    out_dir = Path(out_dir)
+    layer_rows = [r for r in rows[:-1] if r["params"]]
+
+    fig = Figure(figsize=(max(6.0, 0.22 * len(layer_rows) + 2), 4.0))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.bar(range(len(layer_rows)), [r["sparsity_pct"] for r in layer_rows], color="tab:blue")
+    ax.axhline(rows[-1]["sparsity_pct"], color="tab:red", linestyle="--", label="overall (conv+fc weights)")
+    ax.set_xticks(range(len(layer_rows)))
+    ax.set_xticklabels([r["layer"] for r in layer_rows], rotation=90, fontsize=7)
+    ax.set_ylabel("sparsity (% of the layer's weights)")
+    ax.set_ylim(0, 100)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    paths = [_save_figure(fig, out_dir / "sparsity.png")]
+
+    picks = _plot_layers(model)
+    fig = Figure(figsize=(4.0 * max(len(picks), 1), 3.4))
+    FigureCanvasAgg(fig)
+    for i, (name, layer) in enumerate(picks):
+        ax = fig.add_subplot(1, len(picks), i + 1)
+        w = _host_float(layer.weight).reshape(-1)
+        ax.hist(w, bins=80, color="tab:gray")
+        ax.set_yscale("log")
+        g = layer_threshold(layer)
+        if g is not None:
+            for x in (-g, g):
+                ax.axvline(x, color="tab:red", linewidth=1)
+            ax.set_title(f"{name}\nthreshold {g:.3g}", fontsize=8)
+        else:
+            ax.set_title(name, fontsize=8)
+        ax.set_xlabel("latent weight", fontsize=8)
+        if i == 0:
+            ax.set_ylabel("count (log scale)", fontsize=8)
+    fig.tight_layout()
+    paths.append(_save_figure(fig, out_dir / "weights.png"))
+    return paths, None
+
+
+# ---------------------------------------------------------------------------
+# From a checkpoint
+
+
+@dataclasses.dataclass
+class ReportFiles:
+    """What :func:`write_report` wrote: the files, the rows, the text table and notes (skipped plots)."""
+
+    paths: list[Path]
+    rows: list[dict[str, Any]]
+    text: str
+    notes: list[str]
+
+
+def write_report(checkpoint_path: str | Path, out_dir: str | Path, *, plots: bool = True) -> ReportFiles:
+    """Report the model saved in a checkpoint (trained or finalized) into ``out_dir``.
+
+    ``plots=False`` skips the PNG files. Everything is computed before
+    ``out_dir`` is created, so a bad checkpoint leaves nothing behind; each
+    file is written atomically.
+    """
+    from reference.finalize import load_model_from_checkpoint
+
+    restored = load_model_from_checkpoint(checkpoint_path)
+    model = restored.model
+    rows = layer_report(model, restored.input_shape)
+    metrics = restored.checkpoint.metrics[-1] if restored.checkpoint.metrics else {}
+    c, h, w = restored.input_shape
+    info = {
+        "checkpoint": str(restored.checkpoint.path),
+        "model": restored.config.model,
+        "dataset": restored.config.dataset,
+        "method": restored.method_name + (" (finalized)" if restored.finalized else ""),
+        "epochs trained": restored.checkpoint.epoch,
+        "test accuracy": f"{metrics['test_acc']:.2%}" if "test_acc" in metrics else None,
+        "input": f"{c}x{h}x{w}",
+    }
+    text = "\n".join([format_report(rows), "", *summary_lines(rows)])
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"report output {str(out_dir)!r} exists and is not a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = [
+            write_atomic(out_dir / "report.md", to_markdown(rows, info)),
+            write_atomic(out_dir / "report.csv", to_csv(rows)),
+            write_atomic(out_dir / "report.json", to_json(rows, info)),
+        ]
+        pictures, note = write_plots(model, rows, out_dir) if plots else ([], None)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the report to {str(out_dir)!r}: {exc.strerror or exc}") from None
+    return ReportFiles(paths + pictures, rows, text, [note] if note else [])
