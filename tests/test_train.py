@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -269,3 +270,21 @@ def test_quickstart_default_config_reaches_97_percent(tmp_path):
     result = train(TrainConfig(run_dir=str(tmp_path / "quickstart"), progress=False), log=_quiet)
     assert result.metrics["test_acc"] >= 0.97, result.history
     assert result.metrics["epoch"] == TrainConfig().epochs
+
+
+# The README's quickstart command, as settings (kept in one place with the README by this test).
+QUICKSTART_STR = {"method": "str", "target_sparsity": 0.9, "label_smoothing": 0.1, "epochs": 30}
+
+
+def test_quickstart_str_run_is_90_percent_sparse_within_a_point_of_dense(tmp_path):
+    """STR on digits: >= 90 % of the conv+fc weights zero, test accuracy within 1 point of dense."""
+    dense = train(TrainConfig(run_dir=str(tmp_path / "dense"), progress=False), log=_quiet)
+    sparse = train(TrainConfig(run_dir=str(tmp_path / "str"), progress=False, **QUICKSTART_STR), log=_quiet)
+    assert sparse.metrics["sparsity"] >= 0.90, sparse.history[-1]
+    assert sparse.metrics["test_acc"] >= dense.metrics["test_acc"] - 0.01, (dense.metrics, sparse.metrics)
+
+
+def test_readme_quickstart_command_uses_the_tested_settings():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICKSTART_STR.items())
+    assert f"learnsparse train {flags}" in readme
