@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Dense", "SparsityMethod", "StepContext"]
+__all__ = ["Dense", "SparsityMethod", "StepContext", "ThresholdMethod"]
 
 
 @dataclass(frozen=True)
@@ -94,3 +94,77 @@ class SparsityMethod:
 
 class Dense(SparsityMethod):
     """Plain training: no sparsity."""
+
+
+class ThresholdMethod(SparsityMethod):
+    """What STR and LTP share: a threshold-holding sparsifier on every conv and fc layer.
+
+    A subclass sets ``sparsifier_type`` (the sparsifier module class),
+    ``threshold_param`` (the name of its threshold parameter: ``"s"`` or
+    ``"tau"``) and :meth:`make_sparsifier`, calls :meth:`_init_decays` from its
+    constructor and may set ``self.controller`` (a
+    :class:`~reference.sparsity.control.TargetController`, or None).
+    """
+
+    sparsifier_type: type
+    threshold_param: str
+    controller = None
+
+    def _init_decays(self, weight_decay: float, threshold_decay: float | None, target_sparsity) -> None:
+        from reference.errors import ConfigError
+
+        if not weight_decay >= 0:
+            raise ConfigError(f"weight_decay must be a non-negative number, got {weight_decay!r}")
+        if threshold_decay is not None and not threshold_decay >= 0:
+            raise ConfigError(f"threshold_decay must be a non-negative number, got {threshold_decay!r}")
+        if target_sparsity is not None and not 0.0 <= target_sparsity < 1.0:
+            raise ConfigError(f"target_sparsity must be in [0, 1), got {target_sparsity!r}")
+        self.weight_decay = float(weight_decay)
+        self.threshold_decay = self.weight_decay if threshold_decay is None else float(threshold_decay)
+        self.target_sparsity = target_sparsity
+
+    def make_sparsifier(self, layer):
+        """The sparsifier module for one weight layer."""
+        raise NotImplementedError
+
+    def sparse_layers(self, model) -> list[tuple[str, Any, Any]]:
+        """``(name, layer, sparsifier)`` for every layer this method sparsifies."""
+        from reference.nn.layers import weight_layers
+
+        out = [(name, layer, layer.sparsifier) for name, layer in weight_layers(model)]
+        return [(n, layer, sp) for n, layer, sp in out if isinstance(sp, self.sparsifier_type)]
+
+    def attach(self, model) -> None:
+        """Install a sparsifier on every conv and fc layer (``<layer>.sparsifier.<threshold>``)."""
+        from reference.errors import ConfigError
+        from reference.nn.layers import weight_layers
+
+        method = self.name.upper()
+        layers = weight_layers(model)
+        if not layers:
+            raise ConfigError(f"{method}: {type(model).__name__} has no conv or fc layer to sparsify")
+        for name, layer in layers:
+            if layer.sparsifier is not None:
+                raise ConfigError(
+                    f"{method}: layer {name!r} already has a sparsifier ({type(layer.sparsifier).__name__})"
+                )
+            layer.sparsifier = self.make_sparsifier(layer)
+
+    def param_groups(self, model, config=None) -> list[dict[str, Any]]:
+        """Two groups: ``"weights"`` (weights, BN, biases; ``weight_decay``) and
+        ``"thresholds"`` (every threshold; ``threshold_decay``)."""
+        thresholds = [getattr(sp, self.threshold_param) for _, _, sp in self.sparse_layers(model)]
+        ids = {id(p) for p in thresholds}
+        others = [p for p in model.parameters() if id(p) not in ids]
+        return [
+            {"params": others, "weight_decay": self.weight_decay, "name": "weights"},
+            {"params": thresholds, "weight_decay": self.threshold_decay, "name": "thresholds"},
+        ]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.controller is None else {"controller": self.controller.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from reference.sparsity.control import load_controller_state
+
+        load_controller_state(self.controller, state, self.name.upper())

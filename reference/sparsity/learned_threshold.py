@@ -76,9 +76,9 @@ from reference import functional as F
 from reference.autodiff import Tensor
 from reference.errors import ConfigError
 from reference.nn import Module, Parameter
-from reference.nn.layers import WeightLayer, weight_layers
-from reference.sparsity.base import SparsityMethod, StepContext
-from reference.sparsity.control import TargetController, load_controller_state
+from reference.nn.layers import WeightLayer
+from reference.sparsity.base import StepContext, ThresholdMethod
+from reference.sparsity.control import TargetController
 
 __all__ = ["BAND", "LTP", "LearnedThreshold", "from_config", "pick_from_trail"]
 
@@ -178,12 +178,7 @@ class LearnedThreshold(Module):
         return f"t0={self.t0}, exact_grad={self.exact_grad}"
 
 
-def _sparse_layers(model: Module) -> list[tuple[str, WeightLayer, LearnedThreshold]]:
-    out = [(name, layer, layer.sparsifier) for name, layer in weight_layers(model)]
-    return [(n, lay, sp) for n, lay, sp in out if isinstance(sp, LearnedThreshold)]
-
-
-class LTP(SparsityMethod):
+class LTP(ThresholdMethod):
     """Learned threshold pruning on every conv and fc layer of a model.
 
     Args:
@@ -219,12 +214,7 @@ class LTP(SparsityMethod):
             raise ConfigError(f"ltp_t0 must be a positive temperature factor, got {t0!r}")
         if not math.isfinite(tau_init):
             raise ConfigError(f"ltp_tau_init must be a finite number, got {tau_init!r}")
-        if not weight_decay >= 0:
-            raise ConfigError(f"weight_decay must be a non-negative number, got {weight_decay!r}")
-        if threshold_decay is not None and not threshold_decay >= 0:
-            raise ConfigError(f"threshold_decay must be a non-negative number, got {threshold_decay!r}")
-        if target_sparsity is not None and not 0.0 <= target_sparsity < 1.0:
-            raise ConfigError(f"target_sparsity must be in [0, 1), got {target_sparsity!r}")
+        self._init_decays(weight_decay, threshold_decay, target_sparsity)
         if target_sparsity is not None and lam == 0:
             raise ConfigError("ltp_lambda must be positive with target_sparsity: the controller scales it")
         self.lam = float(lam)
@@ -233,9 +223,6 @@ class LTP(SparsityMethod):
         self.exact_grad = bool(exact_grad)
         self.l0_weight_grad = bool(l0_weight_grad)
         self.precondition = bool(precondition)
-        self.weight_decay = float(weight_decay)
-        self.threshold_decay = self.weight_decay if threshold_decay is None else float(threshold_decay)
-        self.target_sparsity = target_sparsity
         self.controller = (
             None
             if target_sparsity is None
@@ -248,34 +235,14 @@ class LTP(SparsityMethod):
         return self.lam if self.controller is None else self.controller.strength
 
     # ------------------------------------------------------------------ hooks
-    def attach(self, model: Module) -> None:
-        """Install a :class:`LearnedThreshold` on every conv and fc layer (``<layer>.sparsifier.tau``)."""
-        layers = weight_layers(model)
-        if not layers:
-            raise ConfigError(f"LTP: {type(model).__name__} has no conv or fc layer to sparsify")
-        for name, layer in layers:
-            if layer.sparsifier is not None:
-                raise ConfigError(
-                    f"LTP: layer {name!r} already has a sparsifier ({type(layer.sparsifier).__name__})"
-                )
-            layer.sparsifier = LearnedThreshold(
-                self.tau_init,
-                self.t0,
-                self.exact_grad,
-                precondition=self.precondition,
-                dtype=layer.weight.dtype,
-            )
+    sparsifier_type = LearnedThreshold
+    threshold_param = "tau"
 
-    def param_groups(self, model: Module, config: Any = None) -> list[dict[str, Any]]:
-        """Two groups: ``"weights"`` (weights, BN, biases; ``weight_decay``) and
-        ``"thresholds"`` (every ``tau``; ``threshold_decay``)."""
-        thresholds = [sp.tau for _, _, sp in _sparse_layers(model)]
-        ids = {id(p) for p in thresholds}
-        others = [p for p in model.parameters() if id(p) not in ids]
-        return [
-            {"params": others, "weight_decay": self.weight_decay, "name": "weights"},
-            {"params": thresholds, "weight_decay": self.threshold_decay, "name": "thresholds"},
-        ]
+    def make_sparsifier(self, layer: WeightLayer) -> LearnedThreshold:
+        """One threshold on the squared weight per layer (``<layer>.sparsifier.tau``)."""
+        return LearnedThreshold(
+            self.tau_init, self.t0, self.exact_grad, precondition=self.precondition, dtype=layer.weight.dtype
+        )
 
     def regularization(self, model: Module) -> Tensor | None:
         """Equation (3): ``lambda * sum_layers L0`` (None when lambda is 0)."""
@@ -283,7 +250,7 @@ class LTP(SparsityMethod):
         if lam == 0.0:
             return None
         total = None
-        for _, layer, sp in _sparse_layers(model):
+        for _, layer, sp in self.sparse_layers(model):
             term = sp.l0(layer.weight, weight_grad=self.l0_weight_grad)
             total = term if total is None else F.add(total, term)
         return None if total is None else F.mul(total, lam)
@@ -293,7 +260,7 @@ class LTP(SparsityMethod):
         if self.controller is None or not self.controller.due(ctx.global_step):
             return
         zeros = total = 0
-        for _, layer, sp in _sparse_layers(model):
+        for _, layer, sp in self.sparse_layers(model):
             w = layer.weight.data
             kept = (w * w > sp.tau.data) & (w != 0)
             zeros += int(w.size) - int(kept.sum())
@@ -305,7 +272,7 @@ class LTP(SparsityMethod):
         (``|z| < 4``), tau and T; the requested target, lambda and, with a controller, its ramp."""
         layers: dict[str, Any] = {}
         sums = {"soft": 0.0, "hard": 0.0, "band": 0.0, "zeros": 0, "weights": 0}
-        for name, layer, sp in _sparse_layers(model):
+        for name, layer, sp in self.sparse_layers(model):
             st = sp.stats(layer.weight)
             n = st["weights"]
             layers[name] = {"sparsity": st["zeros"] / n, **{k: v for k, v in st.items() if k != "zeros"}}
@@ -327,12 +294,6 @@ class LTP(SparsityMethod):
             row["controller"] = self.controller.log_row((ctx.epoch + 1) / max(ctx.epochs, 1))
         row["layers"] = layers
         return row
-
-    def state_dict(self) -> dict[str, Any]:
-        return {} if self.controller is None else {"controller": self.controller.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        load_controller_state(self.controller, state, "LTP")
 
 
 def from_config(config: Any) -> LTP:

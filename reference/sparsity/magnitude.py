@@ -373,7 +373,9 @@ class MagnitudePruning(SparsityMethod):
     def attach(self, model) -> None:
         layers = weight_layers(model)
         if not layers:
-            raise ConfigError(f"{type(self).__name__}: {type(model).__name__} has no conv or fc layer to prune")
+            raise ConfigError(
+                f"{type(self).__name__}: {type(model).__name__} has no conv or fc layer to prune"
+            )
         if self.budget is not None:
             from reference.sparsity.budgets import check_budget
 

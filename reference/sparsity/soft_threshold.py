@@ -46,9 +46,9 @@ from reference import functional as F
 from reference.autodiff import Tensor, no_grad
 from reference.errors import ConfigError
 from reference.nn import Module, Parameter
-from reference.nn.layers import WeightLayer, weight_layers
-from reference.sparsity.base import SparsityMethod, StepContext
-from reference.sparsity.control import TargetController, load_controller_state
+from reference.nn.layers import WeightLayer
+from reference.sparsity.base import StepContext, ThresholdMethod
+from reference.sparsity.control import TargetController
 
 __all__ = ["STR", "SoftThreshold", "from_config"]
 
@@ -86,12 +86,7 @@ class SoftThreshold(Module):
         return f"s: shape {self.s.shape}"
 
 
-def _sparse_layers(model: Module) -> list[tuple[str, WeightLayer, SoftThreshold]]:
-    out = [(name, layer, layer.sparsifier) for name, layer in weight_layers(model)]
-    return [(n, lay, sp) for n, lay, sp in out if isinstance(sp, SoftThreshold)]
-
-
-class STR(SparsityMethod):
+class STR(ThresholdMethod):
     """Soft threshold reparameterization on every conv and fc layer of a model.
 
     Args:
@@ -118,46 +113,22 @@ class STR(SparsityMethod):
     ) -> None:
         if not np.isfinite(s_init):
             raise ConfigError(f"str_s_init must be a finite number, got {s_init!r}")
-        if not weight_decay >= 0:
-            raise ConfigError(f"weight_decay must be a non-negative number, got {weight_decay!r}")
-        if threshold_decay is not None and not threshold_decay >= 0:
-            raise ConfigError(f"threshold_decay must be a non-negative number, got {threshold_decay!r}")
-        if target_sparsity is not None and not 0.0 <= target_sparsity < 1.0:
-            raise ConfigError(f"target_sparsity must be in [0, 1), got {target_sparsity!r}")
+        self._init_decays(weight_decay, threshold_decay, target_sparsity)
         self.s_init = float(s_init)
         self.per_channel = bool(per_channel)
-        self.weight_decay = float(weight_decay)
-        self.threshold_decay = self.weight_decay if threshold_decay is None else float(threshold_decay)
-        self.target_sparsity = target_sparsity
         self.controller = None
         if target_sparsity is not None:
             start = self.threshold_decay if self.threshold_decay > 0 else CONTROL_START_FLOOR
             self.controller = TargetController(target_sparsity, start, **(controller or {}))
 
     # ------------------------------------------------------------------ hooks
-    def attach(self, model: Module) -> None:
-        """Install a :class:`SoftThreshold` on every conv and fc layer (``<layer>.sparsifier.s``)."""
-        layers = weight_layers(model)
-        if not layers:
-            raise ConfigError(f"STR: {type(model).__name__} has no conv or fc layer to sparsify")
-        for name, layer in layers:
-            if layer.sparsifier is not None:
-                raise ConfigError(
-                    f"STR: layer {name!r} already has a sparsifier ({type(layer.sparsifier).__name__})"
-                )
-            channels = layer.weight.shape[0] if self.per_channel else None
-            layer.sparsifier = SoftThreshold(self.s_init, channels, dtype=layer.weight.dtype)
+    sparsifier_type = SoftThreshold
+    threshold_param = "s"
 
-    def param_groups(self, model: Module, config: Any = None) -> list[dict[str, Any]]:
-        """Two groups: ``"weights"`` (weights, BN, biases; ``weight_decay``) and
-        ``"thresholds"`` (every ``s``; ``threshold_decay``)."""
-        thresholds = [sp.s for _, _, sp in _sparse_layers(model)]
-        ids = {id(p) for p in thresholds}
-        others = [p for p in model.parameters() if id(p) not in ids]
-        return [
-            {"params": others, "weight_decay": self.weight_decay, "name": "weights"},
-            {"params": thresholds, "weight_decay": self.threshold_decay, "name": "thresholds"},
-        ]
+    def make_sparsifier(self, layer: WeightLayer) -> SoftThreshold:
+        """One threshold per layer (``<layer>.sparsifier.s``), or per output channel."""
+        channels = layer.weight.shape[0] if self.per_channel else None
+        return SoftThreshold(self.s_init, channels, dtype=layer.weight.dtype)
 
     def regularization(self, model: Module) -> Tensor | None:
         """With a controller: ``(c - d) * 0.5 * sum_l sum(s_l^2)``, so the decay on ``s`` totals ``c``."""
@@ -167,7 +138,7 @@ class STR(SparsityMethod):
         if extra == 0.0:
             return None
         total = None
-        for _, _, sp in _sparse_layers(model):
+        for _, _, sp in self.sparse_layers(model):
             term = F.sum(F.mul(sp.s, sp.s))
             total = term if total is None else F.add(total, term)
         return None if total is None else F.mul(total, 0.5 * extra)
@@ -184,7 +155,7 @@ class STR(SparsityMethod):
         the requested target and, with a controller, the ramp and the decay on ``s``."""
         layers: dict[str, Any] = {}
         zeros_all = total_all = 0
-        for name, layer, sp in _sparse_layers(model):
+        for name, layer, sp in self.sparse_layers(model):
             zeros, total = sp.weight_sparsity(layer.weight)
             g = sp.threshold()
             layers[name] = {
@@ -205,16 +176,10 @@ class STR(SparsityMethod):
         row["layers"] = layers
         return row
 
-    def state_dict(self) -> dict[str, Any]:
-        return {} if self.controller is None else {"controller": self.controller.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        load_controller_state(self.controller, state, "STR")
-
     # ---------------------------------------------------------------- helpers
     def _count(self, model: Module) -> tuple[int, int]:
         zeros_all = total_all = 0
-        for _, layer, sp in _sparse_layers(model):
+        for _, layer, sp in self.sparse_layers(model):
             zeros, total = sp.weight_sparsity(layer.weight)
             zeros_all += zeros
             total_all += total
