@@ -279,10 +279,16 @@ def _cmd_finalize(args: argparse.Namespace) -> int:
 
     path, summary = finalize_checkpoint(args.checkpoint, args.output, trail_sparsity=args.trail_sparsity)
     compression = f"{summary.weights / summary.nonzeros:.2f}x" if summary.nonzeros else "infinite"
-    slimmed = "; channels removed (slimmed)" if summary.slimmed else ""
+    done = []
+    if summary.layers:
+        done.append(f"{len(summary.layers)} layers now hold their effective weights")
+    if summary.slimmed and isinstance(summary.slim, dict):
+        before, after = summary.slim.get("channels_before", 0), summary.slim.get("channels_after", 0)
+        done.append(f"masked channels {before:,} -> {after:,}, removed from the network")
     _print(
-        f"finalized {len(summary.layers)} sparse layers{slimmed}: sparsity {summary.sparsity:.2%} of "
-        f"{summary.weights:,} conv+fc weights (compression {compression}); wrote {str(path)!r}"
+        f"finalized ({'; '.join(done) or 'nothing to change: the model was already plain'}): "
+        f"sparsity {summary.sparsity:.2%} of {summary.weights:,} conv+fc weights (compression {compression}); "
+        f"wrote {str(path)!r}"
     )
     return 0
 
