@@ -148,7 +148,8 @@ def _scp_draw(training: bool):
         else:
             c0 = static["c0"]
             below = rng.uniform(0.001, c0 - _MARGIN, c)  # kept: P <= c0 - 0.05
-            above = rng.uniform(c0 + _MARGIN, 0.999, c)  # pruned: P >= c0 + 0.05
+            gap = 1.0 - c0  # pruned: P in the upper half of (c0, 1), at least 0.025 above c0
+            above = rng.uniform(c0 + gap / 2, 1.0 - gap / 10, c)
             u = ndtri(np.where(rng.uniform(size=c) < 0.5, below, above))
             noise = None
         beta = static["eps"] - u * a  # so that (eps - beta) / a = u
