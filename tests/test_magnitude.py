@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from reference.autodiff import Tensor
-from reference.checkpoint import load_checkpoint
 from reference.config import TrainConfig
 from reference.errors import ConfigError
 from reference.functional import softmax_cross_entropy
@@ -27,6 +26,7 @@ from reference.sparsity.magnitude import (
     top_k_mask,
 )
 from reference.train import train
+from tests.resume import check_resume
 
 
 def _quiet(_msg: str) -> None:
@@ -282,18 +282,11 @@ def test_one_shot_run_is_dense_before_the_start_epoch(tmp_path):
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     """Interrupted mid-ramp: the masks travel in the checkpoint and the schedule picks up."""
     changes = {"method": "gmp", "target_sparsity": 0.8, "epochs": 3, "prune_end_epoch": 2, "momentum": 0.9}
-    full = train(tiny(tmp_path, "full", **changes), log=_quiet)
-    train(tiny(tmp_path, "part", **changes), log=_quiet, stop_after=1)
-    part = tmp_path / "part" / "checkpoint.npz"
-    assert 0.0 < load_checkpoint(part).metrics[0]["sparsity"] < 0.8
-    resumed = train(tiny(tmp_path, "part", **changes), resume=part, log=_quiet)
-    a, b = full.model.state_dict(), resumed.model.state_dict()
-    assert list(a) == list(b) and "conv1.sparsifier.mask" in a
-    for name in a:
-        assert np.array_equal(a[name], b[name]), name
-    oa = load_checkpoint(tmp_path / "full" / "checkpoint.npz").optimizer_state["momentum_buffers"]
-    ob = load_checkpoint(part).optimizer_state["momentum_buffers"]
-    assert sorted(oa) == sorted(ob) and all(np.array_equal(oa[k], ob[k]) for k in oa)
+    full, resumed, interrupted = check_resume(
+        lambda run: tiny(tmp_path, run, **changes), tmp_path, stop_after=1
+    )
+    assert 0.0 < interrupted.metrics[0]["sparsity"] < 0.8
+    assert "conv1.sparsifier.mask" in full.model.state_dict()
     assert [r["sparsity"] for r in full.history] == [r["sparsity"] for r in resumed.history]
 
 

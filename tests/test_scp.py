@@ -10,7 +10,6 @@ import pytest
 from reference import functional as F
 from reference.accounting import profile, totals
 from reference.autodiff import Tensor, no_grad
-from reference.checkpoint import load_checkpoint
 from reference.config import TrainConfig
 from reference.errors import CheckpointError, ConfigError
 from reference.models import build_model
@@ -19,7 +18,7 @@ from reference.nn import BatchNorm2d, Conv2d, Module, ReLU, Sequential
 from reference.sparsity import StepContext, build_method
 from reference.sparsity.channel_pruning import SCP, ChannelMask, masked_batch_norms
 from reference.sparsity.slimming import slim, slim_to_state
-from reference.train import train
+from tests.resume import check_resume
 
 
 def _quiet(_msg: str) -> None:
@@ -364,7 +363,7 @@ def _scp_run(tmp_path, name: str, **changes) -> TrainConfig:
 
 
 def test_short_scp_run_prunes_logs_channels_and_resumes_bit_identically(tmp_path):
-    full = train(_scp_run(tmp_path, "full"), log=_quiet)
+    full, _, _ = check_resume(lambda run: _scp_run(tmp_path, run), tmp_path, stop_after=3)
     rows = [json.loads(line) for line in (tmp_path / "full" / "layers.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     last = rows[-1]
@@ -376,16 +375,6 @@ def test_short_scp_run_prunes_logs_channels_and_resumes_bit_identically(tmp_path
     assert 0 < last["masked_macs"] < last["dense_macs"] == totals(profile(full.model, (1, 8, 8))).dense_macs
     assert 0 < last["sparsity"] == full.history[-1]["sparsity"]
     assert full.metrics["test_acc"] > 0.85
-
-    train(_scp_run(tmp_path, "part"), log=_quiet, stop_after=3)
-    resumed = train(_scp_run(tmp_path, "part"), resume=tmp_path / "part" / "checkpoint.npz", log=_quiet)
-    a, b = full.model.state_dict(), resumed.model.state_dict()
-    assert list(a) == list(b) and all(np.array_equal(a[k], b[k]) for k in a)
-    timeless = [{k: v for k, v in row.items() if k != "seconds"} for row in full.history]
-    part = load_checkpoint(tmp_path / "part" / "checkpoint.npz")
-    assert [{k: v for k, v in row.items() if k != "seconds"} for row in part.metrics] == timeless
-    logs = [(tmp_path / run / "layers.jsonl").read_text() for run in ("part", "full")]
-    assert logs[0] == logs[1]
 
     # the finished run slims to a smaller network with the same predictions
     model = full.model.eval()
