@@ -188,7 +188,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from reference.checkpoint import load_checkpoint
     from reference.finalize import load_model_from_checkpoint
-    from reference.train import build_data, evaluate
+    from reference.train import build_data, evaluate_batches
 
     ckpt = load_checkpoint(args.checkpoint)
     where = str(ckpt.path)
@@ -203,9 +203,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size must be a positive integer, got {batch_size}")
     data = build_data(config)
     model = load_model_from_checkpoint(ckpt, data=data).model
-    loss, acc = evaluate(model, data.x_test, data.y_test, batch_size)
+    loss, acc = evaluate_batches(model, data.test_batches(batch_size))
     _print(f"checkpoint {where!r}: {config.model} on {config.dataset}, {ckpt.epoch} epochs trained")
-    _print(f"test loss {loss:.4f}, accuracy {acc:.2%} ({len(data.y_test)} images)")
+    _print(f"test loss {loss:.4f}, accuracy {acc:.2%} ({data.num_test} images)")
     return 0
 
 

@@ -95,6 +95,7 @@ class TrainConfig:
     # reproducibility and output
     seed: int = 0
     augment: bool = False
+    workers: int = 0
     run_dir: str | None = None
     progress: bool = True
 
@@ -146,10 +147,10 @@ class TrainConfig:
 FIELD_HELP: dict[str, str] = {
     "model": "model name (see `learnsparse info`)",
     "dataset": "data set name",
-    "data_root": "directory holding the data set files, for cifar10 (default: none)",
+    "data_root": "directory holding the data set files, for cifar10 and imagefolder (default: none)",
     "num_classes": "number of classes (default: taken from the data set)",
     "width": "channel width multiplier of the model",
-    "image_size": "side of the square images of the synthetic data set",
+    "image_size": "side of the square images of the synthetic and imagefolder data sets",
     "train_size": "training images of the synthetic data set",
     "test_size": "test images of the synthetic data set",
     "epochs": "number of training epochs",
@@ -191,6 +192,7 @@ FIELD_HELP: dict[str, str] = {
     "budget_column": "column of a budget CSV with several budgets (default: the only one)",
     "seed": "random seed (model initialisation, data order, augmentation)",
     "augment": "use the data set's training augmentation",
+    "workers": "processes decoding imagefolder batches (0: in the training process)",
     "run_dir": "directory for the config, metrics and checkpoints (default: runs/<model>-<dataset>-<time>)",
     "progress": "show a progress bar over the batches",
 }
@@ -202,6 +204,7 @@ FIELD_HELP: dict[str, str] = {
 _INT_FIELDS = {
     "num_classes", "image_size", "train_size", "test_size", "epochs", "batch_size",
     "eval_batch_size", "warmup_epochs", "seed", "prune_start_epoch", "prune_end_epoch", "prune_frequency",
+    "workers",
 }  # fmt: skip
 _FLOAT_FIELDS = {
     "width", "lr", "momentum", "weight_decay", "label_smoothing", "gamma", "target_sparsity",
@@ -340,6 +343,7 @@ def _validate(cfg: TrainConfig) -> None:
     need(cfg.gamma > 0, "gamma", "a positive number")
     need(0 <= cfg.warmup_epochs <= cfg.epochs, "warmup_epochs", f"between 0 and epochs ({cfg.epochs})")
     need(cfg.seed >= 0, "seed", "a non-negative integer")
+    need(cfg.workers >= 0, "workers", "a non-negative integer (0: decode in the training process)")
     need(cfg.num_classes is None or cfg.num_classes >= 2, "num_classes", "at least 2 (or unset)")
     need(not cfg.nesterov or cfg.momentum > 0, "nesterov", "false when momentum is 0")
     need(

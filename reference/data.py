@@ -31,6 +31,14 @@ Data sets (``load_dataset(name, ...)``):
   CIFAR-10 training-set statistics CIFAR10_MEAN and CIFAR10_STD. Only load
   directories you trust: the files are pickles, though the reader accepts
   nothing but the few NumPy globals that array pickles use.
+- ``"imagefolder"``: a class-per-folder tree of JPEG/PNG images at ``root``
+  (``train/<class>/...`` and ``val/<class>/...``, see
+  :mod:`reference.imagefolder`), never held in memory: ``x_train`` and
+  ``x_test`` are empty (0, 3, S, S) arrays that carry the image shape, and
+  ``stream`` decodes batches on demand (``workers`` processes; the ImageNet
+  transforms at side ``S = image_shape[1]``; normalised with the ImageNet
+  mean and standard deviation). The "val" split is the test split. Its
+  augmentation, "imagenet", is random-resized-crop plus a horizontal flip.
 
 Augmentations (``iterate_batches(..., augment=...)``), applied to the whole
 batch with one gather, no loop over samples:
@@ -72,7 +80,7 @@ __all__ = [
     "num_batches",
 ]
 
-DATASET_NAMES = ("digits", "synthetic", "cifar10")
+DATASET_NAMES = ("digits", "synthetic", "cifar10", "imagefolder")
 AUGMENT_NAMES = ("digits", "cifar")
 
 DIGITS_SPLIT_SEED = 1797
@@ -83,14 +91,19 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 _CIFAR_PAD = 4
 _DIGITS_SHIFT = 1
 _SYNTHETIC_MOTIF = 8
+_STREAM_AUGMENT = "imagenet"
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Dataset:
-    """A data set in memory: float32 (N, C, H, W) images and int64 (N,) labels.
+    """A data set: float32 (N, C, H, W) images and int64 (N,) labels, or a stream of them.
 
     ``augment`` names the augmentation to use for training batches
-    ("digits", "cifar" or None); evaluation batches are never augmented.
+    ("digits", "cifar" or None; "imagenet" for a stream); evaluation batches
+    are never augmented. ``stream``, when set, is a
+    :class:`reference.imagefolder.ImageFolder` that yields the batches; the
+    arrays are then empty and carry only the image shape. Use
+    :meth:`train_batches` and :meth:`test_batches` to iterate either kind.
     """
 
     name: str
@@ -100,11 +113,13 @@ class Dataset:
     y_test: np.ndarray
     num_classes: int
     augment: str | None = None
+    stream: Any = None
 
     def __post_init__(self) -> None:
-        if self.augment is not None and self.augment not in AUGMENT_NAMES:
+        valid = AUGMENT_NAMES + (_STREAM_AUGMENT,) if self.stream is not None else AUGMENT_NAMES
+        if self.augment is not None and self.augment not in valid:
             raise DataError(
-                f"Dataset {self.name!r}: augment must be None or one of {list(AUGMENT_NAMES)}, got {self.augment!r}"
+                f"Dataset {self.name!r}: augment must be None or one of {list(valid)}, got {self.augment!r}"
             )
         if not isinstance(self.num_classes, numbers.Integral) or self.num_classes < 2:
             raise DataError(
@@ -137,9 +152,52 @@ class Dataset:
         """(C, H, W) of one image."""
         return tuple(self.x_train.shape[1:])  # type: ignore[return-value]
 
+    @property
+    def num_train(self) -> int:
+        """Number of training images."""
+        return len(self.stream.train) if self.stream is not None else len(self.x_train)
+
+    @property
+    def num_test(self) -> int:
+        """Number of test images."""
+        return len(self.stream.val) if self.stream is not None else len(self.x_test)
+
+    def train_batches(
+        self, batch_size: int, rng: np.random.Generator, *, augment: bool = False, drop_last: bool = False
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """One shuffled epoch of training batches, with the data set's augmentation when ``augment``.
+
+        In memory this is :func:`iterate_batches` with ``shuffle=True``; a
+        stream draws the same way from ``rng`` (see :mod:`reference.imagefolder`).
+        """
+        if self.stream is not None:
+            return self.stream.batches(
+                "train",
+                batch_size,
+                shuffle=True,
+                rng=rng,
+                augment=augment and self.augment is not None,
+                drop_last=drop_last,
+            )
+        return iterate_batches(
+            self.x_train,
+            self.y_train,
+            batch_size,
+            shuffle=True,
+            rng=rng,
+            augment=self.augment if augment else None,
+            drop_last=drop_last,
+        )
+
+    def test_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The test split in stored order, in batches of ``batch_size``, never augmented."""
+        if self.stream is not None:
+            return self.stream.batches("val", batch_size)
+        return iterate_batches(self.x_test, self.y_test, batch_size, shuffle=False)
+
     def __repr__(self) -> str:
         return (
-            f"Dataset(name={self.name!r}, train={len(self.x_train)}, test={len(self.x_test)}, "
+            f"Dataset(name={self.name!r}, train={self.num_train}, test={self.num_test}, "
             f"image_shape={self.image_shape}, num_classes={self.num_classes}, augment={self.augment!r})"
         )
 
@@ -159,13 +217,16 @@ def load_dataset(
     num_classes: int = 10,
     train_size: int = 2048,
     test_size: int = 512,
+    workers: int = 0,
 ) -> Dataset:
     """Load the data set called ``name`` (one of DATASET_NAMES); see the module docstring.
 
-    ``root`` is the directory for "cifar10" (required there, unused
-    otherwise). ``seed``, ``image_shape``, ``num_classes``, ``train_size`` and
-    ``test_size`` shape "synthetic" only; "digits" and "cifar10" are fixed data
-    sets whose split does not depend on them.
+    ``root`` is the directory for "cifar10" and "imagefolder" (required
+    there, unused otherwise). ``seed``, ``image_shape``, ``num_classes``,
+    ``train_size`` and ``test_size`` shape "synthetic" only; "digits" and
+    "cifar10" are fixed data sets whose split does not depend on them.
+    "imagefolder" takes its image side from ``image_shape`` (which must be
+    (3, S, S)) and decodes with ``workers`` processes (0: in this process).
     """
     if name not in DATASET_NAMES:
         raise ConfigError(f"unknown data set {name!r}; expected one of {list(DATASET_NAMES)}")
@@ -173,6 +234,10 @@ def load_dataset(
         data = _load_digits()
     elif name == "synthetic":
         data = _make_synthetic(seed, image_shape, num_classes, train_size, test_size)
+    elif name == "imagefolder":
+        if root is None:
+            raise ConfigError("data set 'imagefolder' needs root=<directory holding train/ and val/>")
+        data = _load_imagefolder(Path(root), image_shape, workers)
     else:
         if root is None:
             raise ConfigError("data set 'cifar10' needs root=<directory holding data_batch_1 .. test_batch>")
@@ -198,6 +263,28 @@ def _load_digits() -> Dataset:
     x_train = ((x_train - mean) / std).astype(np.float32)[:, None]  # (N, 8, 8) -> (N, 1, 8, 8)
     x_test = ((x_test - mean) / std).astype(np.float32)[:, None]  # (N, 8, 8) -> (N, 1, 8, 8)
     return Dataset("digits", x_train, labels[~is_test], x_test, labels[is_test], 10, augment="digits")
+
+
+def _load_imagefolder(root: Path, image_shape: tuple[int, int, int], workers: int) -> Dataset:
+    from reference.imagefolder import ImageFolder
+
+    shape = tuple(image_shape)
+    if len(shape) != 3 or shape[0] != 3 or shape[1] != shape[2]:
+        raise ConfigError(f"imagefolder: image_shape must be (3, S, S), got {image_shape!r}")
+    size = _check_count(shape[1], "imagefolder: image side", 1)
+    folder = ImageFolder(root, size, workers=_check_count(workers, "imagefolder: workers", 0))
+    empty = np.empty((0, 3, size, size), dtype=np.float32)
+    no_labels = np.empty(0, dtype=np.int64)
+    return Dataset(
+        "imagefolder",
+        empty,
+        no_labels,
+        empty.copy(),
+        no_labels.copy(),
+        folder.num_classes,
+        augment=_STREAM_AUGMENT,
+        stream=folder,
+    )
 
 
 def _check_count(value: Any, what: str, minimum: int) -> int:

@@ -164,6 +164,11 @@ def finalize(model: Module) -> FinalizeSummary:
 # data set -> (C, H, W) of its images and its classes, from the config alone
 def _dataset_shapes(config: TrainConfig) -> tuple[tuple[int, int, int], int] | None:
     size = config.image_size
+    if config.dataset == "imagefolder":  # the classes are its train/ folders: listed, no image read
+        from reference.imagefolder import count_classes
+
+        classes = config.num_classes if config.num_classes is not None else count_classes(config.data_root)
+        return (3, size, size), classes
     table = {"digits": ((1, 8, 8), 10), "synthetic": ((3, size, size), 10), "cifar10": ((3, 32, 32), 10)}
     return table.get(config.dataset)
 

@@ -62,6 +62,8 @@ __all__ = [
     "build_model_and_method",
     "build_model_for",
     "evaluate",
+    "evaluate_batches",
+    "evaluate_batches",
     "param_groups",
     "train",
 ]
@@ -71,7 +73,7 @@ METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_a
 # Settings that may change when a run is resumed: they do not affect the
 # numbers computed in the epochs already done (``epochs`` extends or shortens
 # the run; with the cosine schedule that changes the remaining learning rates).
-RESUMABLE_CHANGES = frozenset({"epochs", "run_dir", "progress", "eval_batch_size", "data_root"})
+RESUMABLE_CHANGES = frozenset({"epochs", "run_dir", "progress", "eval_batch_size", "data_root", "workers"})
 
 Log = Callable[[str], Any]
 
@@ -111,6 +113,7 @@ def build_data(config: TrainConfig, *, data_root: str | None = None):
         num_classes=config.num_classes if config.num_classes is not None else 10,
         train_size=config.train_size,
         test_size=config.test_size,
+        workers=config.workers,
     )
 
 
@@ -187,20 +190,41 @@ def evaluate(model, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> tupl
         raise DataError("evaluate: the evaluation split is empty")
     if batch_size <= 0:
         raise ConfigError(f"eval batch size must be a positive integer, got {batch_size!r}")
+    starts = range(0, len(x), batch_size)
+    batches = ((x[start : start + batch_size], y[start : start + batch_size]) for start in starts)
+    return evaluate_batches(model, batches)
+
+
+def evaluate_batches(model, batches) -> tuple[float, float]:
+    """Mean cross-entropy and top-1 accuracy of ``model`` over the ``(x, y)`` pairs of ``batches``.
+
+    Like :func:`evaluate`, for data that arrives in batches (a streamed data set).
+    """
     was_training = model.training
     model.eval()
-    total_loss, correct = 0.0, 0
+    total_loss, correct, seen = 0.0, 0, 0
     try:
         with no_grad():
-            for start in range(0, len(x), batch_size):
-                xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+            for xb, yb in batches:
                 logits = model(Tensor(xb))
                 loss = softmax_cross_entropy(logits, yb)
                 total_loss += loss.item() * len(yb)
                 correct += int((np.asarray(logits.numpy()).argmax(axis=1) == yb).sum())
+                seen += len(yb)
     finally:
         model.train(was_training)
-    return total_loss / len(x), correct / len(x)
+    if seen == 0:
+        raise DataError("evaluate: the evaluation split is empty")
+    return total_loss / seen, correct / seen
+
+
+def _evaluate_data(model, data, batch_size: int) -> tuple[float, float]:
+    """:func:`evaluate` on the test split of ``data``, in memory or streamed."""
+    if data.stream is None:
+        return evaluate(model, data.x_test, data.y_test, batch_size)
+    if batch_size <= 0:
+        raise ConfigError(f"eval batch size must be a positive integer, got {batch_size!r}")
+    return evaluate_batches(model, data.test_batches(batch_size))
 
 
 # ---------------------------------------------------------------------------
@@ -327,20 +351,11 @@ def _train_epoch(model, optimizer, schedule, data, config: TrainConfig, epoch: i
     """One epoch of SGD; returns (lr at the first step, mean task loss, accuracy)."""
     from tqdm import tqdm
 
-    from reference.data import iterate_batches, num_batches
+    from reference.data import num_batches
     from reference.sparsity import StepContext
 
-    n = len(data.x_train)
-    steps = num_batches(n, config.batch_size, drop_last=False)
-    batches = iterate_batches(
-        data.x_train,
-        data.y_train,
-        config.batch_size,
-        shuffle=True,
-        rng=_epoch_rng(config.seed, epoch),
-        augment=data.augment if config.augment else None,
-        drop_last=False,
-    )
+    steps = num_batches(data.num_train, config.batch_size, drop_last=False)
+    batches = data.train_batches(config.batch_size, _epoch_rng(config.seed, epoch), augment=config.augment)
     bar = tqdm(
         batches,
         total=steps,
@@ -480,7 +495,7 @@ def train(
     if ckpt is not None:
         log(f"resuming {str(ckpt.path)!r} after epoch {start_epoch} of {config.epochs}")
     log(
-        f"training {config.model} on {config.dataset} ({len(data.x_train)} train / {len(data.x_test)} test "
+        f"training {config.model} on {config.dataset} ({data.num_train} train / {data.num_test} test "
         f"images of shape {tuple(data.x_train.shape[1:])}) for {config.epochs} epochs; run dir {str(run_dir)!r}"
     )
 
@@ -498,7 +513,7 @@ def train(
             if epoch > 0 and checkpoint_path.exists():
                 log(f"interrupted in epoch {epoch + 1}; continue with --resume {str(checkpoint_path)!r}")
             raise
-        test_loss, test_acc = evaluate(model, data.x_test, data.y_test, config.eval_batch_size)
+        test_loss, test_acc = _evaluate_data(model, data, config.eval_batch_size)
         if not math.isfinite(test_loss):  # the last update broke the weights: keep the old checkpoint
             last_good = (
                 f"; the last good checkpoint is {str(checkpoint_path)!r}" if checkpoint_path.exists() else ""
@@ -507,7 +522,7 @@ def train(
                 f"training diverged at epoch {epoch + 1}: the test loss after the epoch is {test_loss} "
                 f"(lr {optimizer.param_groups[0]['lr']:g}); try a smaller lr{last_good}"
             )
-        steps = max(1, -(-len(data.x_train) // config.batch_size))
+        steps = max(1, -(-data.num_train // config.batch_size))
         method_stats = method.end_epoch(
             model, StepContext(epoch, steps, steps, config.epochs, _method_rng(config.seed, epoch))
         )
@@ -556,7 +571,7 @@ def train(
     if history:
         metrics = dict(history[-1])
     else:  # nothing left to train: report the restored model as it is
-        test_loss, test_acc = evaluate(model, data.x_test, data.y_test, config.eval_batch_size)
+        test_loss, test_acc = _evaluate_data(model, data, config.eval_batch_size)
         metrics = {"epoch": start_epoch, "test_loss": test_loss, "test_acc": test_acc}
     result = TrainResult(
         config=config,

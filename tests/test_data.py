@@ -33,7 +33,7 @@ def nearest_class_mean_accuracy(x_train, y_train, x_test, y_test, num_classes):
 
 # ------------------------------------------------------------------ digits
 def test_digits_shapes_dtypes_and_normalisation(digits):
-    assert DATASET_NAMES == ("digits", "synthetic", "cifar10")
+    assert DATASET_NAMES == ("digits", "synthetic", "cifar10", "imagefolder")
     assert digits.name == "digits" and digits.num_classes == 10 and digits.augment == "digits"
     assert digits.x_train.shape[1:] == digits.x_test.shape[1:] == (1, 8, 8) == digits.image_shape
     assert len(digits.x_train) + len(digits.x_test) == 1797
