@@ -180,7 +180,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         m = result.metrics
         _print(
             f"test accuracy {m['test_acc']:.2%} (best {result.best_acc:.2%} at epoch {result.best_epoch}), "
-            f"{result.seconds:.1f}s; run dir {str(result.run_dir)!r}"
+            f"sparsity {m.get('sparsity', 0.0):.2%}, {result.seconds:.1f}s; run dir {str(result.run_dir)!r}"
         )
     return 0
 
