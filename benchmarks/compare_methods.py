@@ -63,14 +63,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from reference.config import TrainConfig
+from reference.files import write_atomic
+from reference.report import layer_report
+from reference.train import build_data, evaluate, train
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
-from reference.config import TrainConfig  # noqa: E402
-from reference.report import layer_report  # noqa: E402
-from reference.train import build_data, evaluate, train  # noqa: E402
 
 # ---------------------------------------------------------------------------
 # The settings of each experiment (full mode; --quick shrinks them)
@@ -105,24 +105,6 @@ METHOD_ORDER = ["dense", "STR", *(label for label, _ in BASELINES)]
 
 # ---------------------------------------------------------------------------
 # Environment
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text``: a temporary file in the same directory, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _machine() -> dict[str, Any]:
@@ -548,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.render is not None:
         doc = json.loads(args.render.read_text(encoding="utf-8"))
         md_path = args.md if args.md is not None else args.render.with_suffix(".md")
-        _write_atomic(md_path, markdown(doc))
+        write_atomic(md_path, markdown(doc))
         print(f"wrote {md_path}")
         return 0
 
@@ -627,8 +609,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "runs": records,
     }
-    _write_atomic(args.out, json.dumps(doc, indent=2) + "\n")
-    _write_atomic(md_path, markdown(doc))
+    write_atomic(args.out, json.dumps(doc, indent=2) + "\n")
+    write_atomic(md_path, markdown(doc))
     print(f"wrote {args.out} and {md_path} in {wall:.0f}s")
     return 0
 

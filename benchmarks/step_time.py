@@ -53,6 +53,8 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from reference.files import write_atomic  # standard library only: NumPy is imported by the workers
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -82,23 +84,6 @@ WORKLOADS: dict[str, Workload] = {
 
 
 # ============================================================== small helpers
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _rss_mib() -> float:
     """This process's resident set size now, from /proc/self/status (MiB)."""
     with open("/proc/self/status", encoding="ascii") as handle:
@@ -612,7 +597,7 @@ def _worker_profile(spec: dict[str, Any]) -> dict[str, Any]:
     wall = time.perf_counter() - start
     stats = pstats.Stats(profiler)
     text, top_ops = _profile_summary(stats, wall, spec)
-    _write_atomic(Path(spec["profile_path"]), text)
+    write_atomic(Path(spec["profile_path"]), text)
     return {
         "profile_file": _display(Path(spec["profile_path"])),
         "profiled_steps": spec["profile_steps"],
@@ -748,9 +733,6 @@ def _run_worker(kind: str, spec: dict[str, Any], workdir: Path, threads: int) ->
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ)
     env.update({name: str(threads) for name in THREAD_VARIABLES})
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-    )
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", kind,
                "--spec", str(spec_path), "--result", str(result_path)]  # fmt: skip
     start = time.perf_counter()
@@ -819,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker is not None:
         spec = json.loads(Path(args.spec).read_text())
         result = WORKERS[args.worker](spec)
-        _write_atomic(Path(args.result), json.dumps(result))
+        write_atomic(Path(args.result), json.dumps(result))
         return 0
 
     out = args.out if args.out.is_absolute() else Path.cwd() / args.out
@@ -913,7 +895,7 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
             break
 
-    _write_atomic(out, json.dumps(report, indent=2) + "\n")
+    write_atomic(out, json.dumps(report, indent=2) + "\n")
     print()
     print(_table(report))
     print(f"wrote {_display(out)}")

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import secrets
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from reference.errors import CheckpointError
+from reference.files import atomic_target
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "Checkpoint", "load_checkpoint", "save_checkpoint"]
 
@@ -120,11 +120,6 @@ def _join(tree: Any, arrays: Mapping[str, np.ndarray]) -> Any:
 # Saving
 
 
-def temporary_name(name: str) -> str:
-    """A hidden, unique name for writing ``name``'s new contents before the rename."""
-    return f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-
-
 def save_checkpoint(
     path: str | Path,
     *,
@@ -171,21 +166,13 @@ def save_checkpoint(
         raise CheckpointError(
             f"cannot write checkpoint {str(path)!r}: directory {str(directory)!r} does not exist"
         )
-    tmp_name = directory / temporary_name(path.name)
     try:
-        with open(tmp_name, "xb") as fh:
+        with atomic_target(path) as tmp, open(tmp, "xb") as fh:
             np.savez(fh, **arrays)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, OSError):
-            raise CheckpointError(f"cannot write checkpoint {str(path)!r}: {exc.strerror or exc}") from exc
-        raise
+    except OSError as exc:
+        raise CheckpointError(f"cannot write checkpoint {str(path)!r}: {exc.strerror or exc}") from exc
     return path
 
 

@@ -93,8 +93,8 @@ def export_safetensors(model: Module, path: str | Path, *, csr: bool = False) ->
     from safetensors.numpy import save
 
     from reference import __version__
+    from reference.files import write_atomic
     from reference.finalize import has_sparsity_modules
-    from reference.report import write_atomic
 
     if has_sparsity_modules(model):
         raise ConfigError("export: the model still has sparsifiers or channel masks; finalize it first")

@@ -37,7 +37,6 @@ import csv
 import dataclasses
 import io
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -46,8 +45,8 @@ import numpy as np
 
 from reference.accounting import profile, totals
 from reference.autodiff import Tensor, no_grad
-from reference.checkpoint import temporary_name
 from reference.errors import ConfigError
+from reference.files import write_atomic
 from reference.nn import BatchNorm2d, Module, WeightLayer
 
 __all__ = [
@@ -60,7 +59,6 @@ __all__ = [
     "to_csv",
     "to_json",
     "to_markdown",
-    "write_atomic",
     "write_report",
 ]
 
@@ -342,26 +340,6 @@ def to_json(rows: list[dict[str, Any]], info: dict[str, Any] | None = None) -> s
     """``{"info": ..., "denominator": ..., "layers": [rows], "totals": row}`` as strict JSON."""
     doc = {"info": info or {}, "denominator": DENOMINATOR_NOTE, "layers": rows[:-1], "totals": rows[-1]}
     return json.dumps(doc, indent=2, allow_nan=False) + "\n"
-
-
-def write_atomic(path: str | Path, data: str | bytes) -> Path:
-    """Replace ``path``'s contents with ``data`` atomically (temporary file in the same directory, rename)."""
-    path = Path(path)
-    tmp = path.parent / temporary_name(path.name)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    try:
-        with open(tmp, "xb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
 
 
 # ---------------------------------------------------------------------------

@@ -40,7 +40,6 @@ import datetime
 import io
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -50,9 +49,10 @@ from typing import Any
 import numpy as np
 
 from reference.autodiff import Tensor, no_grad
-from reference.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, temporary_name
+from reference.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from reference.config import TrainConfig
 from reference.errors import CheckpointError, ConfigError, DataError, DivergenceError
+from reference.files import write_atomic
 from reference.functional import softmax_cross_entropy
 
 __all__ = [
@@ -251,21 +251,6 @@ def _check_run_dir(run_dir: Path, resuming: bool) -> None:
         )
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Replace ``path``'s contents with ``text`` atomically (temporary file, then rename)."""
-    tmp = path.parent / temporary_name(path.name)
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _weight_sparsity(model) -> float:
     """Fraction of zeros among the effective weights of every conv and fc layer."""
     from reference.nn import weight_layers
@@ -287,7 +272,7 @@ def _weight_sparsity(model) -> float:
 def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
     """Rewrite ``path`` atomically with ``row`` appended (the file is small: one line per epoch)."""
     previous = path.read_text() if path.exists() else ""
-    _write_text(path, previous + json.dumps(row, default=_json_default) + "\n")
+    write_atomic(path, previous + json.dumps(row, default=_json_default) + "\n")
 
 
 def _json_default(value: Any) -> Any:
@@ -299,17 +284,17 @@ def _json_default(value: Any) -> Any:
 
 
 def _write_metrics(run_dir: Path, history: list[dict[str, float]]) -> None:
-    _write_text(run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
+    write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
-    _write_text(run_dir / "metrics.csv", buf.getvalue())
+    write_atomic(run_dir / "metrics.csv", buf.getvalue())
 
 
 def _write_config(run_dir: Path, config: TrainConfig) -> None:
-    _write_text(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
-    _write_text(run_dir / "config.toml", config.to_toml())
+    write_atomic(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+    write_atomic(run_dir / "config.toml", config.to_toml())
 
 
 # ---------------------------------------------------------------------------
