@@ -56,12 +56,13 @@ import platform
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from environment import code_state, machine_info
 
 from reference.config import TrainConfig
 from reference.files import write_atomic
@@ -107,32 +108,6 @@ METHOD_ORDER = ["dense", "STR", *(label for label, _ in BASELINES)]
 # Environment
 
 
-def _machine() -> dict[str, Any]:
-    cpu_model = "unknown"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
-    return {
-        "cpu_model": cpu_model,
-        "logical_cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "load_average_at_start": load,
-        "os": platform.platform(),
-        "thread_environment": {
-            k: v for k, v in os.environ.items() if k.startswith(("OMP_", "OPENBLAS_", "MKL_"))
-        },
-    }
-
-
 def _versions() -> dict[str, Any]:
     import numpy
 
@@ -152,22 +127,6 @@ def _versions() -> dict[str, Any]:
     except ImportError:
         pass
     return out
-
-
-def _code_state() -> dict[str, Any]:
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
-        return done.stdout.strip()
-
-    try:
-        return {
-            "git_commit": git("rev-parse", "HEAD"),
-            "uncommitted_in_reference": [
-                line[3:] for line in git("status", "--porcelain", "--", "reference").splitlines()
-            ],
-        }
-    except (OSError, subprocess.CalledProcessError):
-        return {"git_commit": None, "uncommitted_in_reference": None}
 
 
 # ---------------------------------------------------------------------------
@@ -549,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python " + " ".join(
         shlex.quote(a) for a in [os.path.relpath(__file__, REPO_ROOT), *sys.argv[1:]]
     )
-    machine = _machine()
+    machine = machine_info()
     t_start = time.perf_counter()
     records: list[dict[str, Any]] = []
 
@@ -590,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": round(wall, 1),
         "machine": machine,
         "versions": _versions(),
-        "code": _code_state(),
+        "code": code_state(),
         "settings": {
             "digits": digits,
             "synthetic": synthetic,

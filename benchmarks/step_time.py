@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -52,6 +51,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from environment import code_state, machine_info
 
 from reference.files import write_atomic  # standard library only: NumPy is imported by the workers
 
@@ -108,54 +109,6 @@ def _display(path: Path) -> str:
         return str(path.resolve().relative_to(REPO_ROOT))
     except ValueError:
         return str(path)
-
-
-def _machine() -> dict[str, Any]:
-    cpu_model = "unknown"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    memory_gib = None
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemTotal:"):
-                    memory_gib = round(int(line.split()[1]) / 1024**2, 1)
-                    break
-    except OSError:
-        pass
-    return {
-        "cpu_model": cpu_model,
-        "logical_cores": os.cpu_count(),
-        "cores_available_to_process": len(os.sched_getaffinity(0)),
-        "memory_gib": memory_gib,
-        "os": platform.platform(),
-    }
-
-
-def _code_state() -> dict[str, Any]:
-    """The commit benchmarked and any uncommitted changes under reference/ (they are measured too)."""
-
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
-        return done.stdout.strip()
-
-    try:
-        commit = git("rev-parse", "HEAD")
-        changed = [line[3:] for line in git("status", "--porcelain", "--", "reference").splitlines()]
-    except (OSError, subprocess.CalledProcessError):
-        return {"git_commit": None, "uncommitted_in_reference": None}
-    digests = {}
-    for name in changed:
-        path = REPO_ROOT / name
-        if path.is_file():
-            digests[name] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return {"git_commit": commit, "uncommitted_in_reference_sha256_16": digests}
 
 
 # ================================================================ data, models
@@ -810,9 +763,9 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv]),
         "cwd": os.getcwd(),
-        "machine": _machine(),
+        "machine": machine_info(),
         "versions": {"python": platform.python_version()},
-        "code": _code_state(),
+        "code": code_state(),
         "threads": args.threads,
         "thread_variables": {name: str(args.threads) for name in THREAD_VARIABLES},
         "inherited_environment": {
