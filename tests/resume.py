@@ -10,10 +10,7 @@ import numpy as np
 from reference.checkpoint import Checkpoint, load_checkpoint
 from reference.config import TrainConfig
 from reference.train import TrainResult, train
-
-
-def _quiet(_message: str) -> None:
-    pass
+from tests.common import quiet
 
 
 def assert_same_state(a: dict, b: dict) -> None:
@@ -45,12 +42,12 @@ def check_resume(
     per-layer logs. Returns (full result, resumed result, the interrupted
     run's checkpoint after ``stop_after`` epochs) for method-specific checks.
     """
-    full = train(make("full"), log=_quiet)
-    train(make("part"), log=_quiet, stop_after=stop_after)
+    full = train(make("full"), log=quiet)
+    train(make("part"), log=quiet, stop_after=stop_after)
     part_path = tmp_path / "part" / "checkpoint.npz"
     interrupted = load_checkpoint(part_path)
     assert interrupted.epoch == stop_after
-    resumed = train(make("part"), resume=part_path, log=_quiet)
+    resumed = train(make("part"), resume=part_path, log=quiet)
 
     assert_same_state(resumed.model.state_dict(), full.model.state_dict())
     a, b = load_checkpoint(tmp_path / "full" / "checkpoint.npz"), load_checkpoint(part_path)

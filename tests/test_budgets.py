@@ -26,16 +26,13 @@ from reference.sparsity.budgets import (
 )
 from reference.sparsity.magnitude import MagnitudePruning, keep_count
 from reference.train import train
+from tests.common import quiet
 
 SHARED_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "str_budgets_resnet50.csv"
 STR_LABELS = [
     "79.55", "81.27", "87.7", "90.23", "90.55", "94.8", "95.03", "95.15",
     "96.11", "96.53", "97.78", "98.05", "98.22", "98.79", "98.98", "99.1",
 ]  # fmt: skip
-
-
-def _quiet(_msg: str) -> None:
-    pass
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +154,7 @@ def test_budget_transfer_reproduces_the_source_budget_per_layer(tmp_path):
 
     # 1. magnitude pruning with the CSV budget: every layer at exactly its k
     first_cfg = TrainConfig(method="magnitude", budget=str(csv_path), run_dir=str(tmp_path / "a"), **common)
-    first = train(first_cfg, log=_quiet)
+    first = train(first_cfg, log=quiet)
     measured = budget_from_checkpoint(tmp_path / "a" / "checkpoint.npz")
     sizes = {name: layer.weight.size for name, layer in weight_layers(first.model)}
     assert list(measured) == list(source)
@@ -172,7 +169,7 @@ def test_budget_transfer_reproduces_the_source_budget_per_layer(tmp_path):
     # 2. GMP with the first run's checkpoint as its budget reproduces it exactly
     source_ckpt = str(tmp_path / "a" / "checkpoint.npz")
     second = TrainConfig(method="gmp", budget=source_ckpt, run_dir=str(tmp_path / "b"), **common)
-    train(second, log=_quiet)
+    train(second, log=quiet)
     assert budget_from_checkpoint(tmp_path / "b" / "checkpoint.npz") == measured
 
     # a checkpoint holds one budget: a column makes no sense

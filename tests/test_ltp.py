@@ -18,20 +18,8 @@ from reference.nn import weight_layers
 from reference.sparsity import StepContext, build_method
 from reference.sparsity.learned_threshold import BAND, LTP, LearnedThreshold, pick_from_trail
 from reference.train import param_groups, train
+from tests.common import digits_batch, digits_model, quiet
 from tests.resume import check_resume
-
-
-def _quiet(_msg: str) -> None:
-    pass
-
-
-def _digits(seed: int = 0, width: float = 0.5):
-    return build_model("digits_cnn", width=width, rng=np.random.default_rng(seed))
-
-
-def _batch(n: int = 6, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return rng.normal(size=(n, 1, 8, 8)).astype(np.float32), rng.integers(0, 10, n)
 
 
 def _temperature(w: np.ndarray, t0: float) -> float:
@@ -84,7 +72,7 @@ def test_attach_adds_one_threshold_per_weight_layer(name, width):
 
 def test_thresholds_have_their_own_group_and_decay():
     cfg = TrainConfig(method="ltp", weight_decay=5e-4, threshold_decay=0.0)
-    model = _digits()
+    model = digits_model()
     method = build_method(cfg)
     method.attach(model)
     weights, thresholds = param_groups(model, cfg, method)
@@ -99,7 +87,7 @@ def test_thresholds_have_their_own_group_and_decay():
 
 
 def test_training_uses_the_soft_mask_and_evaluation_the_hard_one():
-    sparse, soft, hard = _digits(), _digits(), _digits()
+    sparse, soft, hard = digits_model(), digits_model(), digits_model()
     _with_thresholds(sparse, t0=0.5)
     for (_, ls), (_, lsoft), (_, lhard) in zip(
         weight_layers(sparse), weight_layers(soft), weight_layers(hard)
@@ -108,7 +96,7 @@ def test_training_uses_the_soft_mask_and_evaluation_the_hard_one():
         assert ls.sparsifier.temperature(ls.weight) == pytest.approx(_temperature(w, 0.5), rel=1e-12)
         lsoft.weight.data[...] = (w * _soft_mask(w, tau, _temperature(w, 0.5))).astype(np.float32)
         lhard.weight.data[...] = np.where(w.astype(np.float64) ** 2 > tau, w, 0)
-    x, _ = _batch()
+    x, _ = digits_batch()
     # BN in evaluation mode in all three, so only the sparsifier's mode differs
     for model in (soft, hard):
         model.eval()
@@ -123,10 +111,10 @@ def test_training_uses_the_soft_mask_and_evaluation_the_hard_one():
 
 
 def test_no_gradient_reaches_tau_in_evaluation_mode():
-    model = _digits()
+    model = digits_model()
     _with_thresholds(model)
     model.eval()
-    x, y = _batch()
+    x, y = digits_batch()
     F.softmax_cross_entropy(model(Tensor(x)), y).backward()
     for _, layer in weight_layers(model):
         assert layer.sparsifier.tau.grad is None
@@ -146,7 +134,7 @@ def test_temperature_is_floored_for_a_constant_weight():
 
 @pytest.mark.parametrize("weight_grad", [True, False])
 def test_regularization_is_lambda_times_the_sum_of_the_masks(weight_grad):
-    model = _digits()
+    model = digits_model()
     method = _with_thresholds(model, t0=0.7, lam=3e-5, l0_weight_grad=weight_grad)
     expected = 0.0
     for _, layer in weight_layers(model):
@@ -162,10 +150,10 @@ def test_regularization_is_lambda_times_the_sum_of_the_masks(weight_grad):
 
 
 def test_preconditioning_scales_only_the_gradient_of_tau():
-    x, y = _batch()
+    x, y = digits_batch()
     grads, outputs = [], []
     for precondition in (True, False):
-        model = _digits()
+        model = digits_model()
         _with_thresholds(model, precondition=precondition)
         out = model(Tensor(x))
         F.softmax_cross_entropy(out, y).backward()
@@ -187,7 +175,7 @@ def test_preconditioning_scales_only_the_gradient_of_tau():
 
 
 def test_end_epoch_reports_densities_band_tau_and_temperature():
-    model = _digits()
+    model = digits_model()
     method = _with_thresholds(model, t0=0.5)
     stats = method.end_epoch(model, StepContext(0, 0, 1, 1, np.random.default_rng(0)))
     zeros = total = 0
@@ -247,7 +235,7 @@ def test_pick_from_trail_only_considers_snapshots_that_exist(tmp_path):
 
 
 def test_training_keeps_a_trail_and_logs_the_band(tmp_path):
-    result = train(_tiny(tmp_path, epochs=2), log=_quiet)
+    result = train(_tiny(tmp_path, epochs=2), log=quiet)
     run = result.run_dir
     assert sorted(p.name for p in (run / "trail").iterdir()) == ["epoch_001.npz", "epoch_002.npz"]
     rows = [json.loads(x) for x in (run / "layers.jsonl").read_text().splitlines()]

@@ -26,11 +26,8 @@ from reference.sparsity.magnitude import (
     top_k_mask,
 )
 from reference.train import train
+from tests.common import quiet
 from tests.resume import check_resume
-
-
-def _quiet(_msg: str) -> None:
-    pass
 
 
 def _ctx(step: int, steps_per_epoch: int, epochs: int) -> StepContext:
@@ -253,7 +250,7 @@ def test_masks_are_fixed_after_the_end_and_pruned_weights_stay_exactly_zero():
 )
 def test_short_digits_run_reaches_the_target_exactly(tmp_path, method, scope):
     target = 0.75
-    result = train(tiny(tmp_path, method=method, prune_scope=scope, target_sparsity=target), log=_quiet)
+    result = train(tiny(tmp_path, method=method, prune_scope=scope, target_sparsity=target), log=quiet)
     total = zeros = 0
     for _, layer in weight_layers(result.model):
         n, z = layer.weight.size, _zeros(layer.effective_weight().data)
@@ -274,7 +271,7 @@ def test_short_digits_run_reaches_the_target_exactly(tmp_path, method, scope):
 
 def test_one_shot_run_is_dense_before_the_start_epoch(tmp_path):
     cfg = tiny(tmp_path, method="magnitude", target_sparsity=0.5, prune_start_epoch=1, prune_end_epoch=1)
-    result = train(cfg, log=_quiet)
+    result = train(cfg, log=quiet)
     assert result.history[0]["sparsity"] == 0.0
     assert result.history[1]["sparsity"] == pytest.approx(0.5, abs=1e-3)
 

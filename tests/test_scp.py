@@ -21,10 +21,6 @@ from reference.sparsity.slimming import slim, slim_to_state
 from tests.resume import check_resume
 
 
-def _quiet(_msg: str) -> None:
-    pass
-
-
 def _ctx(seed: int = 0, epoch: int = 0) -> StepContext:
     return StepContext(epoch, 0, 1, 1, np.random.default_rng([seed, epoch, 1]))
 

@@ -20,20 +20,8 @@ from reference.sparsity import StepContext, build_method
 from reference.sparsity.control import TargetController, cubic_ramp
 from reference.sparsity.soft_threshold import STR, SoftThreshold
 from reference.train import param_groups, train
+from tests.common import digits_batch, digits_model
 from tests.resume import check_resume
-
-
-def _quiet(_msg: str) -> None:
-    pass
-
-
-def _digits(seed: int = 0, width: float = 0.5):
-    return build_model("digits_cnn", width=width, rng=np.random.default_rng(seed))
-
-
-def _batch(n: int = 6, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return rng.normal(size=(n, 1, 8, 8)).astype(np.float32), rng.integers(0, 10, n)
 
 
 def _sigmoid64(s: np.ndarray) -> np.ndarray:
@@ -79,7 +67,7 @@ def test_attach_adds_one_threshold_per_weight_layer(name, width):
 
 
 def test_attach_twice_is_refused():
-    model = _digits()
+    model = digits_model()
     STR().attach(model)
     with pytest.raises(ConfigError, match="already has a sparsifier"):
         STR().attach(model)
@@ -97,7 +85,7 @@ def test_per_channel_thresholds_have_one_entry_per_output_channel():
 
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_output_equals_the_dense_model_with_hand_computed_weights(per_channel):
-    sparse, dense = _digits(), _digits()
+    sparse, dense = digits_model(), digits_model()
     STR(per_channel=per_channel).attach(sparse)
     rng = np.random.default_rng(2)
     for _, layer in weight_layers(sparse):
@@ -105,7 +93,7 @@ def test_output_equals_the_dense_model_with_hand_computed_weights(per_channel):
         s.data[...] = rng.uniform(-4.0, -2.0, size=s.shape)  # g in 0.02 ... 0.12: some weights pruned
     for (_, ls), (_, ld) in zip(weight_layers(sparse), weight_layers(dense)):
         ld.weight.data[...] = _str_by_hand(ls.weight.data, ls.sparsifier.s.data).astype(np.float32)
-    x, _ = _batch()
+    x, _ = digits_batch()
     for model in (sparse, dense):
         model.eval()
     with no_grad():
@@ -119,10 +107,10 @@ def test_output_equals_the_dense_model_with_hand_computed_weights(per_channel):
 
 def test_s_init_minus_3200_is_the_dense_model_and_only_decay_moves_s():
     """sigmoid(-3200) is exactly 0 in float32: W_eff = W bit for bit, ds = 0, and the decay moves s up."""
-    sparse, dense = _digits(), _digits()
+    sparse, dense = digits_model(), digits_model()
     method = STR(s_init=-3200.0, weight_decay=5e-4)
     method.attach(sparse)
-    x, y = _batch()
+    x, y = digits_batch()
     for mode in ("train", "eval"):
         getattr(sparse, mode)(), getattr(dense, mode)()
         with no_grad():
@@ -155,7 +143,7 @@ def test_s_init_minus_3200_is_the_dense_model_and_only_decay_moves_s():
 @pytest.mark.parametrize(("threshold_decay", "expected"), [(None, 5e-4), (0.0, 0.0), (1e-3, 1e-3)])
 def test_thresholds_have_their_own_group_and_decay(threshold_decay, expected):
     cfg = TrainConfig(method="str", weight_decay=5e-4, threshold_decay=threshold_decay)
-    model = _digits()
+    model = digits_model()
     method = build_method(cfg)
     method.attach(model)
     groups = param_groups(model, cfg, method)
@@ -187,7 +175,7 @@ def test_bad_settings_raise_config_error():
 
 
 def test_end_epoch_reports_per_layer_sparsity_and_thresholds():
-    model = _digits()
+    model = digits_model()
     method = STR(per_channel=True)
     method.attach(model)
     for _, layer in weight_layers(model):
@@ -270,7 +258,7 @@ def test_resume_with_a_controller_is_bit_identical(tmp_path):
 
 def test_the_controller_strength_is_the_decay_on_s():
     """With a controller, the gradient of the extra term is (c - d) s: the total coupled decay is c."""
-    model = _digits()
+    model = digits_model()
     method = STR(s_init=-4.0, weight_decay=5e-4, target_sparsity=0.9)
     method.attach(model)
     method.controller.u = 2.5

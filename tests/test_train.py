@@ -14,11 +14,8 @@ from reference.config import TrainConfig, resolve_config
 from reference.errors import CheckpointError, ConfigError, DivergenceError
 from reference.models import build_model
 from reference.train import METRIC_COLUMNS, evaluate, train
+from tests.common import quiet
 from tests.resume import assert_same_state, check_resume
-
-
-def _quiet(_msg: str) -> None:
-    pass
 
 
 def tiny(tmp_path, name: str = "run", **changes) -> TrainConfig:
@@ -86,25 +83,25 @@ def test_short_run_writes_the_run_directory(tmp_path):
 
 def test_run_directory_of_a_finished_run_is_not_overwritten(tmp_path):
     cfg = tiny(tmp_path, epochs=1)
-    train(cfg, log=_quiet)
+    train(cfg, log=quiet)
     before = (tmp_path / "run" / "checkpoint.npz").read_bytes()
     with pytest.raises(ConfigError, match="already holds a run.*--resume"):
-        train(cfg, log=_quiet)
+        train(cfg, log=quiet)
     assert (tmp_path / "run" / "checkpoint.npz").read_bytes() == before
 
 
 def test_default_run_dir_is_created_under_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = tiny(tmp_path, epochs=1).replace(run_dir=None)
-    first = train(cfg, log=_quiet)
-    second = train(cfg, log=_quiet)
+    first = train(cfg, log=quiet)
+    second = train(cfg, log=quiet)
     assert first.run_dir.parent == second.run_dir.parent == tmp_path.joinpath("runs").relative_to(tmp_path)
     assert first.run_dir != second.run_dir
     assert first.config.run_dir == str(first.run_dir)
 
 
 def test_synthetic_data_and_per_step_warmup(tmp_path):
-    result = train(synthetic(tmp_path, warmup_epochs=1, per_step=True, label_smoothing=0.1), log=_quiet)
+    result = train(synthetic(tmp_path, warmup_epochs=1, per_step=True, label_smoothing=0.1), log=quiet)
     assert len(result.history) == 2 and result.model.fc.weight.shape == (4, 32)
     assert result.history[0]["lr"] < result.history[1]["lr"] or result.history[1]["lr"] < result.config.lr
 
@@ -123,10 +120,10 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, make):
 def test_two_epoch_run_extended_to_three(tmp_path):
     """With a constant schedule a 2-epoch run is a prefix of a 3-epoch run, so extending it matches."""
     changes = {"schedule": "constant", "momentum": 0.9, "nesterov": True}
-    full = train(tiny(tmp_path, "full", epochs=3, **changes), log=_quiet)
-    train(tiny(tmp_path, "part", epochs=2, **changes), log=_quiet)
+    full = train(tiny(tmp_path, "full", epochs=3, **changes), log=quiet)
+    train(tiny(tmp_path, "part", epochs=2, **changes), log=quiet)
     part = tmp_path / "part" / "checkpoint.npz"
-    resumed = train(tiny(tmp_path, "part", epochs=3, **changes), resume=part, log=_quiet)
+    resumed = train(tiny(tmp_path, "part", epochs=3, **changes), resume=part, log=quiet)
     assert_same_state(resumed.model.state_dict(), full.model.state_dict())
     rows = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
@@ -134,9 +131,9 @@ def test_two_epoch_run_extended_to_three(tmp_path):
 
 def test_resume_into_a_new_run_directory(tmp_path):
     cfg = tiny(tmp_path, "a", epochs=3, schedule="constant")
-    train(cfg, log=_quiet, stop_after=1)
+    train(cfg, log=quiet, stop_after=1)
     result = train(
-        cfg.replace(run_dir=str(tmp_path / "b")), resume=tmp_path / "a" / "checkpoint.npz", log=_quiet
+        cfg.replace(run_dir=str(tmp_path / "b")), resume=tmp_path / "a" / "checkpoint.npz", log=quiet
     )
     assert [r["epoch"] for r in result.history] == [1, 2, 3]
     assert load_checkpoint(tmp_path / "b" / "checkpoint.npz").epoch == 3
@@ -145,15 +142,15 @@ def test_resume_into_a_new_run_directory(tmp_path):
 
 def test_resume_of_a_finished_run_trains_nothing(tmp_path):
     cfg = tiny(tmp_path, epochs=1)
-    first = train(cfg, log=_quiet)
-    again = train(cfg, resume=tmp_path / "run" / "checkpoint.npz", log=_quiet)
+    first = train(cfg, log=quiet)
+    again = train(cfg, resume=tmp_path / "run" / "checkpoint.npz", log=quiet)
     assert_same_state(first.model.state_dict(), again.model.state_dict())
     assert again.metrics == first.metrics
 
 
 def test_resume_with_different_settings_is_refused_before_writing(tmp_path):
     cfg = tiny(tmp_path, epochs=1)
-    train(cfg, log=_quiet)
+    train(cfg, log=quiet)
     with pytest.raises(ConfigError, match=r"lr=0\.1 \(checkpoint: 0\.05\)"):
         train(
             cfg.replace(lr=0.1, run_dir=str(tmp_path / "other")), resume=tmp_path / "run" / "checkpoint.npz"
@@ -163,7 +160,7 @@ def test_resume_with_different_settings_is_refused_before_writing(tmp_path):
 
 def test_resume_from_a_checkpoint_that_does_not_fit(tmp_path):
     cfg = tiny(tmp_path, epochs=1)
-    train(cfg, log=_quiet)
+    train(cfg, log=quiet)
     ck = load_checkpoint(tmp_path / "run" / "checkpoint.npz")
     from reference.checkpoint import save_checkpoint
 
@@ -172,13 +169,13 @@ def test_resume_from_a_checkpoint_that_does_not_fit(tmp_path):
     save_checkpoint(bad, model_state=wide, optimizer_state=ck.optimizer_state, config=ck.config,
                     epoch=1, metrics=ck.metrics)  # fmt: skip
     with pytest.raises(CheckpointError, match=r"bad\.npz.*does not fit.*conv1\.weight"):
-        train(cfg.replace(epochs=2, run_dir=str(tmp_path / "new")), resume=bad, log=_quiet)
+        train(cfg.replace(epochs=2, run_dir=str(tmp_path / "new")), resume=bad, log=quiet)
     assert not (tmp_path / "new").exists()
 
 
 def test_resume_from_a_missing_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
-        train(tiny(tmp_path), resume=tmp_path / "nope.npz", log=_quiet)
+        train(tiny(tmp_path), resume=tmp_path / "nope.npz", log=quiet)
     assert not (tmp_path / "run").exists()
 
 
@@ -190,7 +187,7 @@ def test_divergence_raises_and_keeps_the_last_good_checkpoint(tmp_path):
     # A sane first epoch, then the step schedule multiplies the lr by 1e30.
     cfg = tiny(tmp_path, epochs=3, schedule="step", milestones=(1,), gamma=1e30)
     with pytest.raises(DivergenceError, match=r"epoch 2, step \d+.*checkpoint.*checkpoint\.npz") as info:
-        train(cfg, log=_quiet)
+        train(cfg, log=quiet)
     assert "loss is" in str(info.value)
     ck = load_checkpoint(tmp_path / "run" / "checkpoint.npz")
     assert ck.epoch == 1
@@ -201,7 +198,7 @@ def test_divergence_raises_and_keeps_the_last_good_checkpoint(tmp_path):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_divergence_in_the_first_epoch(tmp_path):
     with pytest.raises(DivergenceError, match=r"epoch 1, step \d+"):
-        train(tiny(tmp_path, lr=1e30, momentum=0.0), log=_quiet)
+        train(tiny(tmp_path, lr=1e30, momentum=0.0), log=quiet)
     assert not (tmp_path / "run" / "checkpoint.npz").exists()
 
 
@@ -241,7 +238,7 @@ def test_evaluate_rejects_mismatched_inputs():
 
 def test_quickstart_default_config_reaches_97_percent(tmp_path):
     """The default TrainConfig is the quickstart: >= 97 % test accuracy on the digits."""
-    result = train(TrainConfig(run_dir=str(tmp_path / "quickstart"), progress=False), log=_quiet)
+    result = train(TrainConfig(run_dir=str(tmp_path / "quickstart"), progress=False), log=quiet)
     assert result.metrics["test_acc"] >= 0.97, result.history
     assert result.metrics["epoch"] == TrainConfig().epochs
 
@@ -252,8 +249,8 @@ QUICKSTART_STR = {"method": "str", "target_sparsity": 0.9, "label_smoothing": 0.
 
 def test_quickstart_str_run_is_90_percent_sparse_within_a_point_of_dense(tmp_path):
     """STR on digits: >= 90 % of the conv+fc weights zero, test accuracy within 1 point of dense."""
-    dense = train(TrainConfig(run_dir=str(tmp_path / "dense"), progress=False), log=_quiet)
-    sparse = train(TrainConfig(run_dir=str(tmp_path / "str"), progress=False, **QUICKSTART_STR), log=_quiet)
+    dense = train(TrainConfig(run_dir=str(tmp_path / "dense"), progress=False), log=quiet)
+    sparse = train(TrainConfig(run_dir=str(tmp_path / "str"), progress=False, **QUICKSTART_STR), log=quiet)
     assert sparse.metrics["sparsity"] >= 0.90, sparse.history[-1]
     assert sparse.metrics["test_acc"] >= dense.metrics["test_acc"] - 0.01, (dense.metrics, sparse.metrics)
 
