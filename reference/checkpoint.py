@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from reference.backend import to_host
 from reference.errors import CheckpointError
 from reference.files import atomic_target
 
@@ -76,8 +77,7 @@ def library_version() -> str:
 
 def _host(array: Any) -> np.ndarray:
     """A NumPy copy of ``array`` (fetched from the GPU when it is a CuPy array)."""
-    get = getattr(array, "get", None)
-    out = np.asarray(get() if callable(get) and not isinstance(array, np.ndarray) else array)
+    out = to_host(array)
     if out.dtype.hasobject:
         raise CheckpointError(f"cannot store an array of Python objects (dtype {out.dtype}) in a checkpoint")
     return out

@@ -37,6 +37,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from reference.autodiff import Tensor
+from reference.backend import copy_into
 from reference.errors import ConfigError
 
 __all__ = ["SGD"]
@@ -255,7 +256,9 @@ class SGD:
                     f"SGD.load_state_dict: momentum buffer {key!r} given for group "
                     f"{self.param_groups[gi]['name']!r}, which has momentum 0"
                 )
-            new_buffers[(gi, pi)] = _copy_like(value, p.data)
+            buffer = p.data.copy()  # an array of the parameter's kind, dtype and device
+            copy_into(buffer, value)
+            new_buffers[(gi, pi)] = buffer
 
         for group, hyper in zip(self.param_groups, new_hyper):
             group.update(hyper)
@@ -271,19 +274,3 @@ class SGD:
         if gi >= len(self.param_groups) or pi >= len(self.param_groups[gi]["params"]):
             raise ConfigError(f"SGD.load_state_dict: momentum buffer key {key!r} names no parameter here")
         return gi, pi
-
-
-def _copy_like(value: Any, like: Any) -> Any:
-    """A fresh array of ``like``'s type and dtype holding ``value``.
-
-    ``like.copy()`` gives an array of the right kind on the right device;
-    a host array is then written into a device array with its ``set`` method
-    (CuPy) and into a host array by slice assignment.
-    """
-    out = like.copy()
-    same_kind = type(value) is type(like)
-    if not same_kind and hasattr(out, "set"):
-        out.set(value.astype(like.dtype, copy=False))
-    else:
-        out[...] = value
-    return out

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from reference.autodiff import Tensor
+from reference.backend import copy_into, to_host
 from reference.errors import CheckpointError
 
 __all__ = ["Identity", "LoadResult", "Module", "Parameter", "Sequential", "Shape", "TraceVisitor"]
@@ -55,20 +56,6 @@ class LoadResult(NamedTuple):
 
     missing_keys: list[str]
     unexpected_keys: list[str]
-
-
-def _to_host(array: Any) -> np.ndarray:
-    """A NumPy view or copy of ``array`` (CuPy arrays are copied to the host)."""
-    get = getattr(array, "get", None)
-    return get() if callable(get) and not isinstance(array, np.ndarray) else np.asarray(array)
-
-
-def _copy_into(dst: Any, src: np.ndarray) -> None:
-    """Overwrite ``dst``'s values with ``src`` in place, keeping ``dst`` the same object."""
-    if isinstance(dst, np.ndarray):
-        np.copyto(dst, src)
-    else:  # a CuPy array: ndarray.set copies host memory to the device in place
-        dst.set(np.ascontiguousarray(src, dtype=dst.dtype))
 
 
 class Module:
@@ -275,7 +262,7 @@ class Module:
     # -------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, np.ndarray]:
         """Dotted name -> a NumPy copy of every parameter and buffer, in torchvision's order."""
-        return {name: np.array(_to_host(array), copy=True) for name, array in self._named_state()}
+        return {name: np.array(to_host(array), copy=True) for name, array in self._named_state()}
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> LoadResult:
         """Copy ``state``'s values into this module's arrays in place.
@@ -298,7 +285,7 @@ class Module:
         for name, dst in own.items():
             if name not in state:
                 continue
-            src = _to_host(state[name])
+            src = to_host(state[name])
             if tuple(src.shape) != tuple(dst.shape):
                 problems.append(
                     f"{name}: checkpoint has shape {tuple(src.shape)}, model expects {tuple(dst.shape)}"
@@ -312,7 +299,7 @@ class Module:
                 f"load_state_dict into {type(self).__name__} failed: " + "; ".join(problems)
             )
         for name, src in sources.items():
-            _copy_into(own[name], src)
+            copy_into(own[name], src)
         return LoadResult(missing, unexpected)
 
     # -------------------------------------------------------------------- repr

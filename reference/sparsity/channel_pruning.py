@@ -49,26 +49,13 @@ import numpy as np
 
 from reference import functional as F
 from reference.autodiff import Tensor, no_grad
+from reference.backend import like, to_host
 from reference.errors import ConfigError
 from reference.nn import BatchNorm2d, Conv2d, Module, weight_layers
 from reference.sparsity.base import SparsityMethod, StepContext
 from reference.sparsity.slimming import channel_groups, slim
 
 __all__ = ["SCP", "ChannelMask", "from_config", "masked_batch_norms"]
-
-
-def _to_host(array: Any) -> np.ndarray:
-    get = getattr(array, "get", None)
-    return get() if callable(get) and not isinstance(array, np.ndarray) else np.asarray(array)
-
-
-def _like(array: np.ndarray, reference: Any) -> Any:
-    """``array`` on the same backend as ``reference`` (CuPy arrays are copied to the device)."""
-    if isinstance(reference, np.ndarray):
-        return array
-    import cupy
-
-    return cupy.asarray(array)
 
 
 class ChannelMask(Module):
@@ -105,7 +92,7 @@ class ChannelMask(Module):
         else:
             noise = np.zeros(self.channels, dtype=gamma.dtype)  # unused by (3)
         return F.scp_channel_mask(
-            gamma, beta, _like(noise, gamma.data),
+            gamma, beta, like(noise, gamma.data),
             k=self.k, c0=self.c0, t=self.t, eps=self.eps, training=self.training,
         )  # fmt: skip
 
@@ -113,10 +100,10 @@ class ChannelMask(Module):
         """The evaluation decisions (3) as a boolean (C,) NumPy array: True = keep."""
         with no_grad():
             m = F.scp_channel_mask(
-                gamma, beta, _like(np.zeros(self.channels, dtype=gamma.dtype), gamma.data),
+                gamma, beta, like(np.zeros(self.channels, dtype=gamma.dtype), gamma.data),
                 k=self.k, c0=self.c0, t=self.t, eps=self.eps, training=False,
             )  # fmt: skip
-        return _to_host(m.data) > 0.5
+        return to_host(m.data) > 0.5
 
     def extra_repr(self) -> str:
         return f"{self.channels}, k={self.k:g}, c0={self.c0:g}, t={self.t:g}, eps={self.eps:g}"

@@ -70,6 +70,7 @@ import numpy as np
 
 from reference import functional as F
 from reference.autodiff import Tensor, no_grad
+from reference.backend import copy_into, to_host
 from reference.errors import ConfigError
 from reference.nn import Module, weight_layers
 from reference.sparsity.base import SparsityMethod, StepContext
@@ -90,24 +91,6 @@ __all__ = [
 
 SCOPES = ("uniform", "global")
 RAMPS = ("linear", "cubic")
-
-
-# ---------------------------------------------------------------------------
-# Host <-> backend arrays
-
-
-def _host(array: Any) -> np.ndarray:
-    """A NumPy view or copy of ``array`` (CuPy arrays are copied to the host)."""
-    get = getattr(array, "get", None)
-    return get() if callable(get) and not isinstance(array, np.ndarray) else np.asarray(array)
-
-
-def _write(dst: Any, src: np.ndarray) -> None:
-    """Overwrite ``dst`` in place with the host array ``src`` (cast to ``dst``'s dtype)."""
-    if isinstance(dst, np.ndarray):
-        np.copyto(dst, src, casting="unsafe")
-    else:  # a CuPy array
-        dst.set(np.ascontiguousarray(src, dtype=dst.dtype))
 
 
 # ---------------------------------------------------------------------------
@@ -138,7 +121,7 @@ class FixedMask(Module):
             raise ConfigError(
                 f"FixedMask: expected a mask of shape {tuple(self.mask.shape)}, got {keep.shape}"
             )
-        _write(self.mask, keep)
+        copy_into(self.mask, keep)
 
     def apply_to(self, weight: Tensor) -> None:
         """Zero the pruned entries of the latent weight in place: ``W <- W * mask``."""
@@ -146,7 +129,7 @@ class FixedMask(Module):
 
     def kept(self) -> int:
         """Number of entries the mask keeps."""
-        return int(np.count_nonzero(_host(self.mask)))
+        return int(np.count_nonzero(to_host(self.mask)))
 
     def extra_repr(self) -> str:
         size = int(self.mask.size)
@@ -190,7 +173,7 @@ def top_k_mask(weight: Any, k: int) -> np.ndarray:
 
     Ties: the entry with the lower flat (C-order) index is kept.
     """
-    w = _host(weight.data if isinstance(weight, Tensor) else weight)
+    w = to_host(weight.data if isinstance(weight, Tensor) else weight)
     if not 0 <= k <= w.size:
         raise ConfigError(f"top_k_mask: k must be in [0, {w.size}], got {k}")
     magnitude = np.abs(w).ravel()  # (...) -> (n,)
@@ -203,7 +186,7 @@ def global_magnitude_masks(weights: list[Any], sparsity: float) -> list[np.ndarr
     Ties: the entry that comes first in the concatenation (layer order, then
     flat index) is kept, so exactly K entries survive in total.
     """
-    arrays = [_host(w.data if isinstance(w, Tensor) else w) for w in weights]
+    arrays = [to_host(w.data if isinstance(w, Tensor) else w) for w in weights]
     total = sum(a.size for a in arrays)
     k = keep_count(total, sparsity, at_least_one=False)
     magnitude = np.concatenate([np.abs(a).ravel() for a in arrays])  # [(n_l,) ...] -> (N,)
@@ -416,7 +399,7 @@ class MagnitudePruning(SparsityMethod):
         target_zeros = 0.0
         with no_grad():
             for name, layer in weight_layers(model):
-                w = _host(layer.effective_weight().data)
+                w = to_host(layer.effective_weight().data)
                 n, z = int(w.size), int(w.size - np.count_nonzero(w))
                 total, zeros = total + n, zeros + z
                 row: dict[str, Any] = {"sparsity": z / n, "params": n}

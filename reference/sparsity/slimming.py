@@ -52,15 +52,11 @@ from typing import Any
 
 import numpy as np
 
+from reference.backend import like, to_host
 from reference.errors import CheckpointError, ConfigError
 from reference.nn import BatchNorm2d, Conv2d, Linear, Module
 
 __all__ = ["channel_groups", "slim", "slim_to_state"]
-
-
-def _to_host(array: Any) -> np.ndarray:
-    get = getattr(array, "get", None)
-    return get() if callable(get) and not isinstance(array, np.ndarray) else np.asarray(array)
 
 
 # ---------------------------------------------------------------------------
@@ -132,18 +128,9 @@ def channel_groups(model: Module, who: str = "slim") -> list:
 # Resizing layers (keep: integer indices of the channels that stay)
 
 
-def _on_backend(values: np.ndarray, like: Any) -> Any:
-    """``values`` as an array of ``like``'s backend (CuPy arrays are copied to the device)."""
-    if isinstance(like, np.ndarray):
-        return values
-    import cupy
-
-    return cupy.asarray(values)
-
-
 def _take(array: Any, keep: np.ndarray, axis: int) -> Any:
     """The entries ``keep`` along ``axis``: a fresh contiguous array."""
-    return array.take(_on_backend(keep, array), axis=axis)
+    return array.take(like(keep, array), axis=axis)
 
 
 def _param(layer: Module, name: str, keep: np.ndarray, axis: int) -> None:
@@ -210,11 +197,11 @@ def _kept(bn: BatchNorm2d | None) -> np.ndarray | None:
 
 def _off_value(dw: Conv2d, bn: BatchNorm2d, channels: np.ndarray) -> np.ndarray:
     """v_c of case (b): ReLU(depthwise_bn(depthwise(0))) at ``channels``, in float64."""
-    z = np.zeros(len(channels)) if dw.bias is None else _to_host(dw.bias.data)[channels].astype(np.float64)
-    gamma = _to_host(bn.weight.data)[channels].astype(np.float64)
-    beta = _to_host(bn.bias.data)[channels].astype(np.float64)
-    mean = _to_host(bn.running_mean)[channels].astype(np.float64)
-    var = _to_host(bn.running_var)[channels].astype(np.float64)
+    z = np.zeros(len(channels)) if dw.bias is None else to_host(dw.bias.data)[channels].astype(np.float64)
+    gamma = to_host(bn.weight.data)[channels].astype(np.float64)
+    beta = to_host(bn.bias.data)[channels].astype(np.float64)
+    mean = to_host(bn.running_mean)[channels].astype(np.float64)
+    var = to_host(bn.running_var)[channels].astype(np.float64)
     return np.maximum(gamma * (z - mean) / np.sqrt(var + bn.eps) + beta, 0.0)
 
 
@@ -260,12 +247,12 @@ def slim(model: Module) -> dict[str, Any]:
             if len(folded):
                 (consumer,) = group.consumers
                 v = _off_value(group.depthwise, group.depthwise_bn, folded)  # (f,)
-                w = _to_host(consumer.weight.data)[:, folded, 0, 0].astype(
+                w = to_host(consumer.weight.data)[:, folded, 0, 0].astype(
                     np.float64
                 )  # (O, C, 1, 1) -> (O, f)
                 rm = group.consumer_bn.running_mean
                 shift = (w @ v).astype(rm.dtype)  # (O,)
-                rm -= _on_backend(shift, rm)  # (fold)
+                rm -= like(shift, rm)  # (fold)
         keeps.append(keep)
         name = names.get(id(group.bn), "?")
         c = group.bn.num_features
