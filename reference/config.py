@@ -96,6 +96,8 @@ class TrainConfig:
     seed: int = 0
     augment: bool = False
     workers: int = 0
+    device: str = "cpu"
+    precision: str = "tf32"
     run_dir: str | None = None
     progress: bool = True
 
@@ -193,6 +195,9 @@ FIELD_HELP: dict[str, str] = {
     "seed": "random seed (model initialisation, data order, augmentation)",
     "augment": "use the data set's training augmentation",
     "workers": "processes decoding imagefolder batches (0: in the training process)",
+    "device": "cpu (NumPy) or cuda (CuPy on an NVIDIA GPU; pip install 'learnsparse[cuda]')",
+    "precision": "cuda GEMMs: tf32 (float32 with TF32 products), fp32, or bf16 (bfloat16 products, float32"
+    " weights)",
     "run_dir": "directory for the config, metrics and checkpoints (default: runs/<model>-<dataset>-<time>)",
     "progress": "show a progress bar over the batches",
 }
@@ -214,7 +219,7 @@ _FLOAT_FIELDS = {
 _BOOL_FIELDS = {"nesterov", "per_step", "augment", "progress", "str_per_channel", "ltp_exact_grad",
                 "ltp_l0_weight_grad"}  # fmt: skip
 _STR_FIELDS = {"model", "dataset", "data_root", "schedule", "run_dir", "method", "prune_scope", "budget",
-               "budget_column"}  # fmt: skip
+               "budget_column", "device", "precision"}  # fmt: skip
 _OPTIONAL_FIELDS = {"data_root", "num_classes", "run_dir", "target_sparsity", "threshold_decay",
                     "prune_end_epoch", "budget", "budget_column"}  # fmt: skip
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
@@ -344,6 +349,8 @@ def _validate(cfg: TrainConfig) -> None:
     need(0 <= cfg.warmup_epochs <= cfg.epochs, "warmup_epochs", f"between 0 and epochs ({cfg.epochs})")
     need(cfg.seed >= 0, "seed", "a non-negative integer")
     need(cfg.workers >= 0, "workers", "a non-negative integer (0: decode in the training process)")
+    need(cfg.device in ("cpu", "cuda"), "device", "'cpu' or 'cuda'")
+    need(cfg.precision in ("tf32", "fp32", "bf16"), "precision", "one of 'tf32', 'fp32', 'bf16'")
     need(cfg.num_classes is None or cfg.num_classes >= 2, "num_classes", "at least 2 (or unset)")
     need(not cfg.nesterov or cfg.momentum > 0, "nesterov", "false when momentum is 0")
     need(

@@ -163,12 +163,20 @@ class Dataset:
         return len(self.stream.val) if self.stream is not None else len(self.x_test)
 
     def train_batches(
-        self, batch_size: int, rng: np.random.Generator, *, augment: bool = False, drop_last: bool = False
+        self,
+        batch_size: int,
+        rng: np.random.Generator,
+        *,
+        augment: bool = False,
+        drop_last: bool = False,
+        normalize: bool = True,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """One shuffled epoch of training batches, with the data set's augmentation when ``augment``.
 
         In memory this is :func:`iterate_batches` with ``shuffle=True``; a
         stream draws the same way from ``rng`` (see :mod:`reference.imagefolder`).
+        ``normalize=False`` leaves a stream's images uint8, for normalising on
+        the GPU; in-memory data sets are float32 already and ignore it.
         """
         if self.stream is not None:
             return self.stream.batches(
@@ -178,6 +186,7 @@ class Dataset:
                 rng=rng,
                 augment=augment and self.augment is not None,
                 drop_last=drop_last,
+                normalize=normalize,
             )
         return iterate_batches(
             self.x_train,
@@ -189,10 +198,13 @@ class Dataset:
             drop_last=drop_last,
         )
 
-    def test_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """The test split in stored order, in batches of ``batch_size``, never augmented."""
+    def test_batches(
+        self, batch_size: int, *, normalize: bool = True
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The test split in stored order, in batches of ``batch_size``, never augmented
+        (``normalize`` as in :meth:`train_batches`)."""
         if self.stream is not None:
-            return self.stream.batches("val", batch_size)
+            return self.stream.batches("val", batch_size, normalize=normalize)
         return iterate_batches(self.x_test, self.y_test, batch_size, shuffle=False)
 
     def __repr__(self) -> str:

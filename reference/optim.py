@@ -14,7 +14,8 @@ With ``momentum == 0`` there is no buffer and ``d = g``.
 
 Parameters are :class:`reference.autodiff.Tensor` objects; the update writes
 into ``p.data`` in place, in ``p.data``'s dtype, using only array operators and
-methods, so the same code updates NumPy and CuPy arrays. Gradients are only
+methods; CuPy parameters get the same update as one fused kernel
+(:func:`gpu.optim.sgd_update`). Gradients are only
 read, never written: a leaf's ``.grad`` may share memory with an array the
 backward pass produced elsewhere.
 
@@ -37,7 +38,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from reference.autodiff import Tensor
-from reference.backend import copy_into
+from reference.backend import copy_into, is_device_array
 from reference.errors import ConfigError
 
 __all__ = ["SGD"]
@@ -153,6 +154,21 @@ class SGD:
                         f"SGD: parameter {pi} of group {group['name']!r} has shape {tuple(data.shape)} "
                         f"but its grad has shape {tuple(grad.shape)}"
                     )
+                if is_device_array(data):  # one fused kernel on the GPU: the same (1)-(6)
+                    from gpu.optim import sgd_update
+
+                    buf = sgd_update(
+                        data,
+                        grad,
+                        self._buffers.get((gi, pi)),
+                        lr=lr,
+                        weight_decay=weight_decay,
+                        momentum=momentum,
+                        nesterov=nesterov,
+                    )
+                    if buf is not None:
+                        self._buffers[(gi, pi)] = buf
+                    continue
                 g = grad if grad.dtype == data.dtype else grad.astype(data.dtype)
                 if weight_decay != 0.0:
                     g = g + weight_decay * data  # (1)

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from reference.autodiff import Tensor, no_grad
+from reference.backend import array_module, check_device, device_of, to_device
 from reference.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from reference.config import TrainConfig
 from reference.errors import CheckpointError, ConfigError, DataError, DivergenceError
@@ -73,7 +74,14 @@ METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_a
 # Settings that may change when a run is resumed: they do not affect the
 # numbers computed in the epochs already done (``epochs`` extends or shortens
 # the run; with the cosine schedule that changes the remaining learning rates).
-RESUMABLE_CHANGES = frozenset({"epochs", "run_dir", "progress", "eval_batch_size", "data_root", "workers"})
+RESUMABLE_CHANGES = frozenset(
+    {"epochs", "run_dir", "progress", "eval_batch_size", "data_root", "workers", "device", "precision"}
+)
+
+# On the GPU the running loss and accuracy stay on the device and are read (a
+# host synchronisation) only every this many steps, for the progress bar and
+# the divergence check, and at the end of the epoch.
+GPU_READ_EVERY = 25
 
 Log = Callable[[str], Any]
 
@@ -199,23 +207,52 @@ def evaluate_batches(model, batches) -> tuple[float, float]:
     """Mean cross-entropy and top-1 accuracy of ``model`` over the ``(x, y)`` pairs of ``batches``.
 
     Like :func:`evaluate`, for data that arrives in batches (a streamed data set).
+    Batches are host arrays; for a model on the GPU each is copied to the device
+    (uint8 images are normalised there), and the sums stay on the device until
+    the end.
     """
+    device = _model_device(model)
     was_training = model.training
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
     try:
         with no_grad():
             for xb, yb in batches:
-                logits = model(Tensor(xb))
-                loss = softmax_cross_entropy(logits, yb)
-                total_loss += loss.item() * len(yb)
-                correct += int((np.asarray(logits.numpy()).argmax(axis=1) == yb).sum())
-                seen += len(yb)
+                n = len(yb)
+                if device == "cuda":
+                    xd, yd = _batch_on_device(xb, yb)
+                    logits = model(Tensor(xd))
+                    loss = softmax_cross_entropy(logits, yd)
+                    total_loss = total_loss + loss.data.astype("float64") * n  # stays on the device
+                    correct = correct + (logits.data.argmax(axis=1) == yd).sum()
+                else:
+                    logits = model(Tensor(xb))
+                    loss = softmax_cross_entropy(logits, yb)
+                    total_loss += loss.item() * n
+                    correct += int((np.asarray(logits.numpy()).argmax(axis=1) == yb).sum())
+                seen += n
     finally:
         model.train(was_training)
     if seen == 0:
         raise DataError("evaluate: the evaluation split is empty")
-    return total_loss / seen, correct / seen
+    return float(total_loss) / seen, int(correct) / seen
+
+
+def _model_device(model) -> str:
+    """``"cuda"`` when the model's parameters are CuPy arrays, else ``"cpu"``."""
+    for p in model.parameters():
+        return device_of(p.data)
+    return "cpu"
+
+
+def _batch_on_device(xb, yb):
+    """A host batch copied to the GPU; uint8 images (an imagefolder stream) are normalised there."""
+    from reference.imagefolder import normalize
+
+    x, y = to_device(xb, "cuda"), to_device(yb, "cuda")
+    if x.dtype == np.uint8:
+        x = normalize(x, xp=array_module(x))
+    return x, y
 
 
 def _evaluate_data(model, data, batch_size: int) -> tuple[float, float]:
@@ -224,7 +261,7 @@ def _evaluate_data(model, data, batch_size: int) -> tuple[float, float]:
         return evaluate(model, data.x_test, data.y_test, batch_size)
     if batch_size <= 0:
         raise ConfigError(f"eval batch size must be a positive integer, got {batch_size!r}")
-    return evaluate_batches(model, data.test_batches(batch_size))
+    return evaluate_batches(model, data.test_batches(batch_size, normalize=_model_device(model) == "cpu"))
 
 
 # ---------------------------------------------------------------------------
@@ -333,14 +370,23 @@ def _progress_enabled(config: TrainConfig) -> bool:
 
 
 def _train_epoch(model, optimizer, schedule, data, config: TrainConfig, epoch: int, method):
-    """One epoch of SGD; returns (lr at the first step, mean task loss, accuracy)."""
+    """One epoch of SGD; returns (lr at the first step, mean task loss, accuracy).
+
+    On the CPU the loss is read after every step (a non-finite loss stops the
+    run before the update). On the GPU nothing is read inside a step: the
+    running sums stay on the device and are read every :data:`GPU_READ_EVERY`
+    steps (progress bar, divergence check) and at the end of the epoch.
+    """
     from tqdm import tqdm
 
     from reference.data import num_batches
     from reference.sparsity import StepContext
 
+    on_gpu = config.device == "cuda"
     steps = num_batches(data.num_train, config.batch_size, drop_last=False)
-    batches = data.train_batches(config.batch_size, _epoch_rng(config.seed, epoch), augment=config.augment)
+    batches = data.train_batches(
+        config.batch_size, _epoch_rng(config.seed, epoch), augment=config.augment, normalize=not on_gpu
+    )
     bar = tqdm(
         batches,
         total=steps,
@@ -354,36 +400,53 @@ def _train_epoch(model, optimizer, schedule, data, config: TrainConfig, epoch: i
     model.train()
     method_rng = _method_rng(config.seed, epoch)
     total_loss, correct, seen = 0.0, 0, 0
+    objective = 0.0  # GPU: the running sum of the full objective, checked for divergence
+
+    def diverged(step: int, value: Any, where: str) -> DivergenceError:
+        return DivergenceError(
+            f"training diverged at epoch {epoch + 1}, {where} {step + 1}: the loss is {value} "
+            f"(lr {optimizer.param_groups[0]['lr']:g}); try a smaller lr"
+        )
+
     try:
         for step, (xb, yb) in enumerate(bar):
             ctx = StepContext(epoch, step, steps, config.epochs, method_rng)
             if config.per_step:
                 optimizer.set_lr(schedule(epoch, step, steps))
             method.before_step(model, ctx)
+            if on_gpu:
+                xb, yb = _batch_on_device(xb, yb)
             logits = model(Tensor(xb))
             loss = softmax_cross_entropy(logits, yb, label_smoothing=config.label_smoothing)
-            value = loss.item()
             extra = method.regularization(model)
-            if extra is not None:
-                loss = loss + extra
-            total = loss.item()
-            if not (math.isfinite(value) and math.isfinite(total)):
-                raise DivergenceError(
-                    f"training diverged at epoch {epoch + 1}, step {step + 1}: the loss is {total} "
-                    f"(lr {optimizer.param_groups[0]['lr']:g}); try a smaller lr"
-                )
+            full = loss if extra is None else loss + extra
+            if on_gpu:
+                total_loss = total_loss + loss.data.astype("float64") * len(yb)
+                objective = objective + full.data.astype("float64")
+                correct = correct + (logits.data.argmax(axis=1) == yb).sum()
+            else:
+                value, total = loss.item(), full.item()
+                if not (math.isfinite(value) and math.isfinite(total)):
+                    raise diverged(step, total, "step")
+                total_loss += value * len(yb)
+                correct += int((np.asarray(logits.numpy()).argmax(axis=1) == yb).sum())
             optimizer.zero_grad()
-            loss.backward()
+            full.backward()
             optimizer.step()
             method.after_step(model, ctx)
-            total_loss += value * len(yb)
-            correct += int((np.asarray(logits.numpy()).argmax(axis=1) == yb).sum())
             seen += len(yb)
-            if step % 10 == 0:
+            if on_gpu and (step + 1) % GPU_READ_EVERY == 0:
+                read = float(objective)  # the one host synchronisation of these steps
+                if not math.isfinite(read):
+                    raise diverged(step, read, "by step")
+                bar.set_postfix(loss=f"{float(total_loss) / seen:.4f}", refresh=False)
+            elif not on_gpu and step % 10 == 0:
                 bar.set_postfix(loss=f"{total_loss / seen:.4f}", refresh=False)
     finally:
         bar.close()
-    return first_lr, total_loss / max(seen, 1), correct / max(seen, 1)
+    if on_gpu and not math.isfinite(float(objective)):
+        raise diverged(steps - 1, float(objective), "by step")
+    return first_lr, float(total_loss) / max(seen, 1), int(correct) / max(seen, 1)
 
 
 def train(
@@ -420,8 +483,14 @@ def train(
     if resume is not None:
         ckpt = resume if isinstance(resume, Checkpoint) else load_checkpoint(resume)
         _check_resume_config(_saved_config(ckpt), config, ckpt.path)
+    check_device(config.device)  # a missing GPU is reported before anything is built or written
+    if config.device == "cuda":
+        from gpu import runtime
+
+        runtime.set_precision(config.precision)
     data = build_data(config)
     model, method = build_model_and_method(config, data)
+    model.to(config.device)  # before the optimizer, so its momentum buffers are made on the device
     from reference.optim import SGD
     from reference.schedules import build_schedule
     from reference.sparsity import StepContext
@@ -481,7 +550,8 @@ def train(
         log(f"resuming {str(ckpt.path)!r} after epoch {start_epoch} of {config.epochs}")
     log(
         f"training {config.model} on {config.dataset} ({data.num_train} train / {data.num_test} test "
-        f"images of shape {tuple(data.x_train.shape[1:])}) for {config.epochs} epochs; run dir {str(run_dir)!r}"
+        f"images of shape {tuple(data.x_train.shape[1:])}) for {config.epochs} epochs on {_device_text(config)}; "
+        f"run dir {str(run_dir)!r}"
     )
 
     for epoch in range(start_epoch, end_epoch):
@@ -553,6 +623,7 @@ def train(
         )
 
     seconds = time.perf_counter() - t_start
+    model.to("cpu")  # the result (and the summary below) on the host, whatever trained it
     if history:
         metrics = dict(history[-1])
     else:  # nothing left to train: report the restored model as it is
@@ -570,6 +641,14 @@ def train(
     )
     _summary(result, data, log)
     return result
+
+
+def _device_text(config: TrainConfig) -> str:
+    if config.device == "cpu":
+        return "the CPU"
+    from gpu import runtime
+
+    return f"{runtime.describe()['device']} ({config.precision})"
 
 
 def _summary(result: TrainResult, data, log: Log) -> None:

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from reference.autodiff import Tensor
-from reference.backend import copy_into, to_host
+from reference.backend import copy_into, to_device, to_host
 from reference.errors import CheckpointError
 
 __all__ = ["Identity", "LoadResult", "Module", "Parameter", "Sequential", "Shape", "TraceVisitor"]
@@ -222,6 +222,23 @@ class Module:
     def eval(self) -> Module:
         """Evaluation mode: batch norm uses its running statistics and does not update them."""
         return self.train(False)
+
+    def to(self, device: str) -> Module:
+        """Move every parameter and buffer to ``device`` ("cpu": NumPy, "cuda": CuPy), in place.
+
+        The Parameter objects stay the same (an optimizer built on them stays
+        valid); their arrays are replaced by copies on the device and their
+        gradients are dropped. Returns ``self``.
+        """
+        for module in self.modules():
+            for param in module._parameters.values():
+                if param is not None:
+                    param.data = to_device(param.data, device)
+                    param.grad = None
+            for name, array in module._buffers.items():
+                if array is not None:
+                    module._buffers[name] = to_device(array, device)
+        return self
 
     def zero_grad(self) -> None:
         """Drop every parameter's gradient (``grad = None``)."""

@@ -74,6 +74,7 @@ import numpy as np
 
 from reference import functional as F
 from reference.autodiff import Tensor
+from reference.backend import array_module, is_device_array
 from reference.errors import ConfigError
 from reference.nn import Module, Parameter
 from reference.nn.layers import WeightLayer
@@ -114,23 +115,33 @@ class LearnedThreshold(Module):
         self.exact_grad = bool(exact_grad)
         self.precondition = bool(precondition)
 
-    def temperature(self, weight: Tensor) -> float:
-        """Equation (1) for the weight as it is now, as a Python float."""
-        w = weight.data
-        t = self.t0 * float(abs(w).var(dtype=np.float64))
-        return max(t, float(np.finfo(w.dtype).tiny))
+    def temperature(self, weight: Tensor) -> Any:
+        """Equation (1) for the weight as it is now: a Python float, or a 0-d array on the GPU.
 
-    def tau_gradient_scale(self, weight: Tensor) -> float:
-        """Equation (5): ``k = mean(W^2)^2`` for the weight as it is now (1.0 when not preconditioning)."""
+        On the GPU the value stays on the device (reading it would stall every
+        layer of every step); the kernels take it as a 0-d array.
+        """
+        w = weight.data
+        tiny = float(np.finfo(w.dtype).tiny)
+        if is_device_array(w):
+            xp = array_module(w)
+            return xp.maximum(self.t0 * abs(w).var(dtype=np.float64), tiny)
+        return max(self.t0 * float(abs(w).var(dtype=np.float64)), tiny)
+
+    def tau_gradient_scale(self, weight: Tensor) -> Any:
+        """Equation (5): ``k = mean(W^2)^2`` for the weight as it is now (1.0 when not preconditioning);
+        a 0-d array on the GPU, as :meth:`temperature`."""
         if not self.precondition:
             return 1.0
         w = weight.data
+        if is_device_array(w):
+            return (w * w).mean(dtype=np.float64).astype(w.dtype) ** 2
         return float((w * w).mean(dtype=np.float64)) ** 2
 
     def preconditioned_tau(self, weight: Tensor) -> Tensor:
         """``tau`` with its value unchanged and its gradient multiplied by ``k``, equation (6)."""
         k = self.tau_gradient_scale(weight)
-        if k == 1.0:
+        if not self.precondition:
             return self.tau
         value = self.tau.data
         return F.add(F.mul(F.sub(self.tau, value), k), value)  # (6): value + k * 0, exactly tau
@@ -149,7 +160,7 @@ class LearnedThreshold(Module):
     def logits(self, weight: Tensor) -> Any:
         """``z = (W^2 - tau) / T`` of (2), an array in float64 (no gradient)."""
         w = weight.data.astype(np.float64)
-        return (w * w - float(self.tau.data)) / self.temperature(weight)
+        return (w * w - self.tau.data.astype(np.float64)) / self.temperature(weight)
 
     def l0(self, weight: Tensor, weight_grad: bool = True) -> Tensor:
         """The differentiable count ``sum(m)`` of (3), a 0-d Tensor."""
