@@ -1,0 +1,29 @@
+"""Reshape on the GPU: the twin of ``reference.ops.shape``.
+
+Equation (1) of the reference::
+
+    y = reshape(x, shape)        dx = reshape(dy, x.shape)                   (1)
+
+A reshape of a C-contiguous CuPy array is a view (no kernel); a non-contiguous one is copied first,
+by CuPy, exactly as NumPy does. No kernel of its own is needed.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import cupy as cp
+
+__all__ = ["reshape_forward", "reshape_backward"]
+
+
+class ReshapeCache(NamedTuple):
+    x_shape: tuple[int, ...]
+
+
+def reshape_forward(x: cp.ndarray, shape):
+    return x.reshape(shape), ReshapeCache(tuple(x.shape))
+
+
+def reshape_backward(dy: cp.ndarray, cache: ReshapeCache):
+    return (dy.reshape(cache.x_shape),)  # (1)
