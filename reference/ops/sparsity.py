@@ -39,7 +39,8 @@ and ``-sign(W)`` in ``g``; outside it is the constant 0::
 
 Kink: at ``|W| = g`` the map is not differentiable. The mask is strict, so
 such a weight counts as pruned: ``W_eff = 0``, ``dW = 0`` and it adds nothing
-to ``ds`` (the right-hand derivative in ``|W|``). A test pins this.
+to ``ds``: the derivative on the pruned side (``|W| < g`` in ``W``, ``g > |W|`` in ``g``).
+A test pins this.
 ``sign(0) = 0`` never matters: ``W = 0`` is always outside ``M``.
 
 LTP: learned threshold pruning (METHODS section 2)
