@@ -69,7 +69,9 @@ __all__ = [
     "train",
 ]
 
-METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "sparsity", "seconds")
+METRIC_COLUMNS = (
+    "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "sparsity", "seconds", "train_seconds",
+)  # fmt: skip
 
 # Settings that may change when a run is resumed: they do not affect the
 # numbers computed in the epochs already done (``epochs`` extends or shortens
@@ -455,6 +457,7 @@ def train(
     resume: str | Path | Checkpoint | None = None,
     log: Log = print,
     stop_after: int | None = None,
+    data=None,
 ) -> TrainResult:
     """Train (or resume) the run described by ``config``; see the module docstring.
 
@@ -466,6 +469,10 @@ def train(
     ``stop_after`` ends this call after that many epochs have been completed in
     total (an interruption at an epoch boundary, as if the process had been
     stopped there); ``config.epochs`` still defines the schedule.
+
+    ``data`` is a :class:`reference.data.Dataset` to train on instead of the
+    one ``config`` names (a data set built in code; ``config.dataset`` then
+    only labels the run).
 
     Every problem with the input (config, data, checkpoint) is raised before
     the run directory is created or touched.
@@ -488,7 +495,8 @@ def train(
         from gpu import runtime
 
         runtime.set_precision(config.precision)
-    data = build_data(config)
+    if data is None:
+        data = build_data(config)
     model, method = build_model_and_method(config, data)
     model.to(config.device)  # before the optimizer, so its momentum buffers are made on the device
     from reference.optim import SGD
@@ -558,6 +566,7 @@ def train(
         t_epoch = time.perf_counter()
         try:
             lr, train_loss, train_acc = _train_epoch(model, optimizer, schedule, data, config, epoch, method)
+            train_seconds = time.perf_counter() - t_epoch  # the steps alone (they end with a device read)
         except DivergenceError as exc:
             if checkpoint_path.exists() and epoch > 0:
                 raise DivergenceError(
@@ -590,6 +599,7 @@ def train(
             "test_acc": float(test_acc),
             "sparsity": float(method_stats.get("sparsity", _weight_sparsity(model))),
             "seconds": round(time.perf_counter() - t_epoch, 3),
+            "train_seconds": round(train_seconds, 3),
         }
         history.append(row)
         improved = test_acc > best_acc

@@ -29,7 +29,7 @@ def assert_same_optimizer(a: dict, b: dict) -> None:
 
 
 def _timeless(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+    return [{k: v for k, v in row.items() if k not in ("seconds", "train_seconds")} for row in rows]
 
 
 def check_resume(
