@@ -70,8 +70,9 @@ def copy_into(dst: Any, src: Any) -> None:
     if is_device_array(dst):
         if is_device_array(src):
             dst[...] = src
-        else:  # host memory to the device, in place
-            dst.set(np.ascontiguousarray(src, dtype=dst.dtype))
+        else:  # host memory to the device, in place (np.asarray keeps a 0-d array 0-d;
+            # np.ascontiguousarray would make it 1-d, which ndarray.set refuses)
+            dst.set(np.asarray(src, dtype=dst.dtype, order="C"))
     else:
         np.copyto(dst, to_host(src), casting="unsafe")
 

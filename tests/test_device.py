@@ -77,3 +77,24 @@ def test_backend_helpers_on_host_arrays():
     dst = np.zeros((2, 3), dtype=np.float32)
     copy_into(dst, a)
     assert dst.dtype == np.float32 and np.array_equal(dst, a)
+
+
+class _DeviceArrayDouble:
+    """Stands in for a CuPy array where only ``set`` (a host-to-device copy) matters."""
+
+    __module__ = "cupy._double"
+
+    def __init__(self, array):
+        self.array, self.shape, self.dtype = array, array.shape, array.dtype
+
+    def set(self, host):  # CuPy's ndarray.set refuses any change of shape
+        assert isinstance(host, np.ndarray) and host.shape == self.shape, (host.shape, self.shape)
+        self.array[...] = host
+
+
+@pytest.mark.parametrize("shape", [(), (3,), (2, 3)])
+def test_copy_into_a_device_array_keeps_the_shape(shape):
+    """A 0-d buffer (BN's num_batches_tracked) must stay 0-d on its way to the device."""
+    dst = _DeviceArrayDouble(np.zeros(shape, dtype=np.int64))
+    copy_into(dst, np.full(shape, 7))
+    assert np.all(dst.array == 7)
