@@ -302,7 +302,7 @@ def _weight_sparsity(model) -> float:
             for _, layer in weight_layers(model):
                 w = layer.effective_weight().data
                 total += w.size
-                zeros += int(w.size - np.count_nonzero(w))
+                zeros += int(w.size) - int((w != 0).sum())  # NumPy or CuPy alike
     finally:
         model.train(was_training)
     return zeros / max(total, 1)

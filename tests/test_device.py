@@ -98,3 +98,17 @@ def test_copy_into_a_device_array_keeps_the_shape(shape):
     dst = _DeviceArrayDouble(np.zeros(shape, dtype=np.int64))
     copy_into(dst, np.full(shape, 7))
     assert np.all(dst.array == 7)
+
+
+def test_host_copy_is_an_independent_host_model():
+    model = digits_model()
+    next(model.parameters()).grad = np.ones_like(next(model.parameters()).data)
+    twin = model.host_copy()
+    before = model.state_dict()
+    assert all(np.array_equal(before[k], v) for k, v in twin.state_dict().items())
+    assert all(p.grad is None for p in twin.parameters())
+    next(twin.parameters()).data += 1.0
+    assert np.array_equal(model.state_dict()[next(iter(before))], before[next(iter(before))]), (
+        "the copy shares memory"
+    )
+    assert next(model.parameters()).grad is not None, "the original keeps its gradient"

@@ -1,11 +1,28 @@
 """Whole models on both backends (needs a CUDA GPU; skipped otherwise).
 
-1. One training step after another (forward, backward, SGD with weight decay
+1. Three training steps in a row (forward, backward, SGD with weight decay
    and momentum on every parameter group) of ResNet50 and MobileNetV1, dense
-   and with each sparsity method, at a small batch and input size: the GPU
-   and the reference give the same loss, gradients and updated parameters.
-   float64 models agree to :data:`F64_RTOL`; float32 ones (full float32 GEMMs)
-   to :data:`F32_RTOL` of each array's largest magnitude.
+   and with each sparsity method, at a small batch and input size, in
+   float64: the GPU and the reference give the same loss, gradients, updated
+   parameters and running statistics at every step, to :data:`F64_RTOL` of
+   each array's largest magnitude.
+
+   After each step's comparison the GPU model is given the reference's
+   parameters again (the optimizer's momentum carries on unaligned). Without
+   that, rounding differences grow by about 10^3 per step: batch norm over a
+   batch of 4 at these sizes makes training chaotic. A relative 1e-13 change
+   of one weight moves the gradients by 1e-6 after two steps at learning rate
+   0.05 on 32x32 inputs (still 3e-9 at 1e-3 on 64x64 for ResNet50), so free
+   trajectories could not be compared tightly however right the kernels are.
+
+   The same conditioning rules out a whole-model comparison in float32: two
+   correct float32 implementations of these tiny-batch networks differ in a
+   first-layer gradient by up to a few per cent, and by several times their
+   own error against float64 (measured with the depthwise kernel that is,
+   op by op, five times more accurate than the reference's). float32 is
+   checked op by op (``tests/test_gpu_agreement.py``, stated tolerances) and
+   on a well-conditioned real run, the digits model trained on both devices
+   (``test_device_run_matches_cpu_run_on_digits``).
 2. ``learnsparse``'s training loop on ``--device cuda`` with each method, then
    the checkpoint evaluated, reported and exported on the CPU.
 """
@@ -27,8 +44,8 @@ from tests.common import quiet
 pytestmark = pytest.mark.gpu
 
 F64_RTOL = 1e-8
-F32_RTOL = 2e-4
 STEPS = 3
+LR, BATCH, SIZE = 1e-3, 4, 64
 METHOD_SETTINGS = {
     "dense": {},
     "str": {"str_s_init": -4.0},  # a threshold that prunes from the first step
@@ -59,57 +76,67 @@ def _close(actual, expected, rtol, what):
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale, err_msg=what)
 
 
-def _steps(model, method, config, batches, device):
-    """``STEPS`` SGD steps; returns per step (loss, {param name: grad}) and the final parameters."""
-    from reference.train import param_groups
+class _Run:
+    """One backend's model, method and optimizer, stepped one batch at a time."""
 
-    model.to(device)
-    optimizer = SGD(
-        param_groups(model, config, method), lr=0.05, momentum=0.9, weight_decay=config.weight_decay
-    )
-    model.train()
-    trace = []
-    for step, (x, y) in enumerate(batches):
-        ctx = StepContext(0, step, STEPS, 1, np.random.default_rng([7, step]))
-        method.before_step(model, ctx)
-        x, y = to_device(x, device), to_device(y, device)
-        loss = softmax_cross_entropy(model(Tensor(x)), y, label_smoothing=0.1)
-        extra = method.regularization(model)
+    def __init__(self, model_name, method_name, dtype, device):
+        from reference.train import param_groups
+
+        self.model, self.method, config = _build(model_name, method_name, dtype)
+        self.device = device
+        self.model.to(device)
+        self.optimizer = SGD(
+            param_groups(self.model, config, self.method),
+            lr=LR,
+            momentum=0.9,
+            weight_decay=config.weight_decay,
+        )
+        self.model.train()
+
+    def step(self, step: int, x, y):
+        """One training step; returns (loss, {name: grad}, {name: parameter or buffer after it})."""
+        ctx = StepContext(0, step, STEPS, 1, np.random.default_rng([7, step]))  # the same noise on both
+        self.method.before_step(self.model, ctx)
+        x, y = to_device(x, self.device), to_device(y, self.device)
+        loss = softmax_cross_entropy(self.model(Tensor(x)), y, label_smoothing=0.1)
+        extra = self.method.regularization(self.model)
         full = loss if extra is None else loss + extra
-        optimizer.zero_grad()
+        self.optimizer.zero_grad()
         full.backward()
-        grads = {name: _host(p.grad) for name, p in model.named_parameters() if p.grad is not None}
-        optimizer.step()
-        method.after_step(model, ctx)
-        trace.append((float(_host(full.data)), grads))
-    params = {name: _host(p.data) for name, p in model.named_parameters()}
-    buffers = {name: _host(b) for name, b in model.named_buffers()}
-    return trace, params, buffers
+        grads = {name: _host(p.grad) for name, p in self.model.named_parameters() if p.grad is not None}
+        self.optimizer.step()
+        self.method.after_step(self.model, ctx)
+        return float(_host(full.data)), grads, self.model.state_dict()
+
+
+def _batches(dtype):
+    rng = np.random.default_rng(3)
+    return [
+        (rng.standard_normal((BATCH, 3, SIZE, SIZE)).astype(dtype), rng.integers(0, 10, BATCH))
+        for _ in range(STEPS)
+    ]
 
 
 @pytest.mark.parametrize("method_name", sorted(METHOD_SETTINGS))
 @pytest.mark.parametrize("model_name", ["resnet50", "mobilenet_v1"])
-@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
-def test_training_steps_agree(model_name, method_name, dtype):
+def test_training_steps_agree_float64(model_name, method_name):
     from gpu import runtime
 
-    rng = np.random.default_rng(3)
-    batches = [
-        (rng.standard_normal((4, 3, 32, 32)).astype(dtype), rng.integers(0, 10, 4)) for _ in range(STEPS)
-    ]
-    rtol = F64_RTOL if dtype == np.float64 else F32_RTOL
-    cpu = _steps(*_build(model_name, method_name, dtype), batches, "cpu")
+    cpu = _Run(model_name, method_name, np.float64, "cpu")
     with runtime.precision("fp32"):
-        gpu = _steps(*_build(model_name, method_name, dtype), batches, "cuda")
-    for step, ((loss_c, grads_c), (loss_g, grads_g)) in enumerate(zip(cpu[0], gpu[0])):
-        assert abs(loss_g - loss_c) <= rtol * max(1.0, abs(loss_c)), f"step {step}: loss {loss_g} vs {loss_c}"
-        assert sorted(grads_g) == sorted(grads_c), f"step {step}: different parameters got gradients"
-        for name in grads_c:
-            _close(grads_g[name], grads_c[name], rtol, f"step {step}: grad of {name}")
-    for name in cpu[1]:
-        _close(gpu[1][name], cpu[1][name], rtol, f"parameter {name} after {STEPS} steps")
-    for name in cpu[2]:
-        _close(gpu[2][name], cpu[2][name], rtol, f"buffer {name} after {STEPS} steps")
+        gpu = _Run(model_name, method_name, np.float64, "cuda")
+        for step, (x, y) in enumerate(_batches(np.float64)):
+            loss_c, grads_c, state_c = cpu.step(step, x, y)
+            loss_g, grads_g, state_g = gpu.step(step, x, y)
+            assert abs(loss_g - loss_c) <= F64_RTOL * max(1.0, abs(loss_c)), (
+                f"step {step}: {loss_g} vs {loss_c}"
+            )
+            assert sorted(grads_g) == sorted(grads_c), f"step {step}: different parameters got gradients"
+            for name in grads_c:
+                _close(grads_g[name], grads_c[name], F64_RTOL, f"step {step}: grad of {name}")
+            for name in state_c:
+                _close(state_g[name], state_c[name], F64_RTOL, f"step {step}: {name} after the update")
+            gpu.model.load_state_dict(state_c)  # re-align (see the module docstring)
 
 
 @pytest.mark.parametrize("method_name", sorted(METHOD_SETTINGS))

@@ -261,13 +261,13 @@ extern "C" __global__ void conv_depthwise_backward_weight(
     const long long end = begin + seg_len < positions ? begin + seg_len : positions;
 
     int tp[DW_TAPS], tq[DW_TAPS];  // the (p, q) of each tap of this pass
-    ${T} acc[DW_TAPS];
+    double acc[DW_TAPS];  // double sums: the float32 gradient is then as accurate as the reference's
 #pragma unroll
     for (int k = 0; k < DW_TAPS; ++k) {
         const int tap = tap0 + (k < ntaps ? k : 0);
         tp[k] = tap / kw;
         tq[k] = tap - (tap / kw) * kw;
-        acc[k] = (${T})0;
+        acc[k] = 0.0;
     }
     for (long long e = begin + threadIdx.x; e < end; e += blockDim.x) {
         const long long n = e / hw_out;
@@ -283,25 +283,25 @@ extern "C" __global__ void conv_depthwise_backward_weight(
             if (k < ntaps) {
                 const int h = h0 + tp[k];
                 const int ww = w0 + tq[k];
-                if (h >= 0 && h < H && ww >= 0 && ww < W) acc[k] += g * xc[h * W + ww];
+                if (h >= 0 && h < H && ww >= 0 && ww < W) acc[k] += (double)g * xc[h * W + ww];
             }
         }
     }
 
-    __shared__ ${T} warp_sums[DW_TAPS][DW_BLOCK / 32];
+    __shared__ double warp_sums[DW_TAPS][DW_BLOCK / 32];
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
 #pragma unroll
     for (int k = 0; k < DW_TAPS; ++k) {
-        ${T} v = acc[k];
+        double v = acc[k];
         for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
         if (lane == 0) warp_sums[k][warp] = v;
     }
     __syncthreads();
     if (threadIdx.x < ntaps) {
-        ${T} sum = (${T})0;
+        double sum = 0.0;
         for (int k = 0; k < (int)(blockDim.x >> 5); ++k) sum += warp_sums[threadIdx.x][k];
-        partial[((long long)s * O + o) * (kh * kw) + tap0 + threadIdx.x] = sum;
+        partial[((long long)s * O + o) * (kh * kw) + tap0 + threadIdx.x] = (${T})sum;
     }
 }
 """,

@@ -24,6 +24,7 @@ a plain chain of its children overrides :meth:`Module.trace` next to its
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -239,6 +240,24 @@ class Module:
                 if array is not None:
                     module._buffers[name] = to_device(array, device)
         return self
+
+    def host_copy(self) -> Module:
+        """A deep copy with every parameter and buffer in host memory and no gradients.
+
+        The original is untouched, wherever its arrays live (a model on the GPU
+        is copied array by array to NumPy, not through CuPy's deepcopy).
+        """
+        memo: dict[int, Any] = {}
+        for module in self.modules():
+            for param in module._parameters.values():
+                if param is not None:
+                    memo[id(param.data)] = np.array(to_host(param.data), copy=True)
+                    if param.grad is not None:
+                        memo[id(param.grad)] = None
+            for array in module._buffers.values():
+                if array is not None:
+                    memo[id(array)] = np.array(to_host(array), copy=True)
+        return copy.deepcopy(self, memo)
 
     def zero_grad(self) -> None:
         """Drop every parameter's gradient (``grad = None``)."""

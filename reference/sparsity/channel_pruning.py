@@ -42,7 +42,6 @@ after slimming.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import numpy as np
@@ -231,9 +230,7 @@ class SCP(SparsityMethod):
                 "kept": kept,
                 "kept_fraction": kept / bn.num_features,
             }
-        slimmed = copy.deepcopy(model)
-        for p in slimmed.parameters():
-            p.grad = None
+        slimmed = model.host_copy()
         summary = slim(slimmed)
         dense_weights = sum(int(layer.weight.size) for _, layer in weight_layers(model))
         slim_weights = sum(int(layer.weight.size) for _, layer in weight_layers(slimmed))

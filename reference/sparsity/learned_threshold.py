@@ -172,7 +172,8 @@ class LearnedThreshold(Module):
         """Soft density (mean m), hard density, band fraction, zeros of (4), tau, T, weights."""
         w = weight.data
         z = self.logits(weight)
-        soft = 1.0 / (1.0 + np.exp(-np.clip(z, -700.0, 700.0)))
+        xp = array_module(z)
+        soft = 1.0 / (1.0 + xp.exp(-xp.clip(z, -700.0, 700.0)))
         hard = w * self.hard_mask(weight)
         n = int(w.size)
         return {
@@ -181,7 +182,7 @@ class LearnedThreshold(Module):
             "band": float((abs(z) < BAND).mean()),
             "zeros": n - int((hard != 0).sum()),
             "tau": float(self.tau.data),
-            "temperature": self.temperature(weight),
+            "temperature": float(self.temperature(weight)),
             "weights": n,
         }
 

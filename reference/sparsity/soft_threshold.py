@@ -44,6 +44,7 @@ import numpy as np
 
 from reference import functional as F
 from reference.autodiff import Tensor, no_grad
+from reference.backend import array_module
 from reference.errors import ConfigError
 from reference.nn import Module, Parameter
 from reference.nn.layers import WeightLayer
@@ -73,7 +74,7 @@ class SoftThreshold(Module):
     def threshold(self) -> Any:
         """``g = sigmoid(s)`` as an array of ``s``'s shape and dtype (no gradient)."""
         s = self.s.data
-        e = np.exp(-abs(s))  # exp of a non-positive number: no overflow for any s
+        e = array_module(s).exp(-abs(s))  # exp of a non-positive number: no overflow for any s
         return ((s >= 0) / (1 + e) + (s < 0) * (e / (1 + e))).astype(s.dtype)
 
     def weight_sparsity(self, weight: Tensor) -> tuple[int, int]:
