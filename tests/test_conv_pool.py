@@ -5,6 +5,7 @@ general path, dtypes and argument errors."""
 import numpy as np
 import pytest
 
+from reference.contracts import conv2d_geometry
 from reference.ops import (
     avg_pool2d_backward,
     avg_pool2d_forward,
@@ -74,7 +75,7 @@ def test_max_pool_padding_is_never_selected():
 
 def _general(x, w, b, stride, padding, groups):
     """The im2col path forced, whatever the shape (the reference for the shortcuts)."""
-    stride, padding, out_hw = conv_ops._check(x, w, b, stride, padding, groups)
+    stride, padding, out_hw = conv2d_geometry(x, w, b, stride, padding, groups)
     y, cache = conv_ops._forward_general(x, w, stride, padding, groups, out_hw)
     if b is not None:
         y += b.reshape(1, -1, 1, 1)

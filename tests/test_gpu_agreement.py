@@ -165,9 +165,7 @@ def test_gemm_transposes_and_batches_match_numpy():
         stack = rng.standard_normal((4, 7, 3))
         got = blas.gemm_batched(cupy.asarray(a), cupy.asarray(stack)).get()
         np.testing.assert_allclose(got, a @ stack, rtol=1e-12)
-        got = blas.gemm_batched(
-            cupy.asarray(stack), cupy.asarray(a), trans_a=True, trans_b=True
-        ).get()
+        got = blas.gemm_batched(cupy.asarray(stack), cupy.asarray(a), trans_a=True, trans_b=True).get()
         np.testing.assert_allclose(got, np.swapaxes(stack, 1, 2) @ a.T, rtol=1e-12)
 
 

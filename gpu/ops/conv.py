@@ -52,6 +52,7 @@ import cupy as cp
 import numpy as np
 
 from gpu import blas, kernels
+from reference.contracts import conv2d_geometry
 
 __all__ = ["conv2d_forward", "conv2d_backward"]
 
@@ -309,44 +310,6 @@ extern "C" __global__ void conv_depthwise_backward_weight(
 
 
 # --------------------------------------------------------------------------- validation
-def _pair(value: Any, name: str) -> tuple[int, int]:
-    """``v`` -> ``(v, v)``; a pair stays a pair (as ints)."""
-    if isinstance(value, (int, np.integer)):
-        return int(value), int(value)
-    pair = tuple(int(v) for v in value)
-    if len(pair) != 2:
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return pair  # type: ignore[return-value]
-
-
-def _check(x, w, b, stride, padding, groups) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
-    """Validate the arguments (the reference's checks, same messages); ``(stride, padding, (Ho, Wo))``."""
-    if x.ndim != 4 or w.ndim != 4:
-        raise ValueError(
-            f"conv2d expects x (N, C, H, W) and w (O, C/groups, kh, kw), got x {x.shape} and w {w.shape}"
-        )
-    stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
-    if min(stride) < 1 or min(padding) < 0:
-        raise ValueError(f"conv2d needs stride >= 1 and padding >= 0, got stride {stride}, padding {padding}")
-    n_out, c_in_group, kh, kw = w.shape
-    if groups < 1 or x.shape[1] % groups or n_out % groups or c_in_group * groups != x.shape[1]:
-        raise ValueError(
-            f"conv2d with groups={groups}: x has {x.shape[1]} channels and w has shape {w.shape}; "
-            f"expected both channel counts divisible by groups and w.shape[1] == {x.shape[1]} / {groups}"
-        )
-    if b is not None and tuple(b.shape) != (n_out,):
-        raise ValueError(f"conv2d bias must have shape ({n_out},), got {b.shape}")
-    if w.dtype != x.dtype or (b is not None and b.dtype != x.dtype):
-        got = f"x {x.dtype}, w {w.dtype}" + ("" if b is None else f", b {b.dtype}")
-        raise ValueError(f"conv2d expects one dtype for x, w and b, got {got}")
-    ho = (x.shape[2] + 2 * padding[0] - kh) // stride[0] + 1
-    wo = (x.shape[3] + 2 * padding[1] - kw) // stride[1] + 1
-    if ho < 1 or wo < 1:
-        raise ValueError(
-            f"conv2d output would be empty: input {x.shape[2:]} padded by {padding} is smaller "
-            f"than the kernel {(kh, kw)}"
-        )
-    return stride, padding, (ho, wo)
 
 
 def _pad(x, ph: int, pw: int):
@@ -379,7 +342,7 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0, groups: int = 1):
     Returns ``y`` (N, O, Ho, Wo) in ``x``'s dtype and the cache for
     :func:`conv2d_backward`.
     """
-    stride, padding, out_hw = _check(x, w, b, stride, padding, groups)
+    stride, padding, out_hw = conv2d_geometry(x, w, b, stride, padding, groups)
     groups = int(groups)
     n_out, c_in_group, kh, kw = w.shape
     x, w = cp.ascontiguousarray(x), cp.ascontiguousarray(w)

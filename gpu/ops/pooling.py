@@ -32,8 +32,7 @@ import cupy as cp
 import numpy as np
 
 from gpu import kernels
-
-from .conv import _pair
+from reference.contracts import PoolGeometry, pool_geometry
 
 __all__ = [
     "max_pool2d_forward",
@@ -241,35 +240,6 @@ _GLOBAL_AVG_BACKWARD = kernels.elementwise(
 
 
 # --------------------------------------------------------------------------- geometry
-class PoolGeometry(NamedTuple):
-    x_shape: tuple[int, int, int, int]
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    out: tuple[int, int]
-
-
-def _geometry(op: str, x, kernel_size, stride, padding) -> PoolGeometry:
-    """Validate a pooling window against ``x`` (the reference's checks and messages); the output size."""
-    if x.ndim != 4:
-        raise ValueError(f"{op} expects x of shape (N, C, H, W), got {x.shape}")
-    kernel = _pair(kernel_size, "kernel_size")
-    stride = kernel if stride is None else _pair(stride, "stride")
-    padding = _pair(padding, "padding")
-    if min(kernel) < 1 or min(stride) < 1 or min(padding) < 0:
-        raise ValueError(
-            f"{op} needs kernel_size >= 1, stride >= 1 and padding >= 0, "
-            f"got kernel_size {kernel}, stride {stride}, padding {padding}"
-        )
-    if padding[0] > kernel[0] // 2 or padding[1] > kernel[1] // 2:
-        raise ValueError(f"{op} padding {padding} must be at most half the kernel size {kernel}")
-    out = tuple((n + 2 * p - k) // s + 1 for n, p, k, s in zip(x.shape[2:], padding, kernel, stride))
-    if min(out) < 1:
-        raise ValueError(
-            f"{op} output would be empty: input {x.shape[2:]} padded by {padding} is smaller "
-            f"than the kernel {kernel}"
-        )
-    return PoolGeometry(tuple(x.shape), kernel, stride, padding, out)  # type: ignore[arg-type]
 
 
 def _scalars(geo: PoolGeometry) -> tuple:
@@ -292,7 +262,7 @@ def _index_suffix(geo: PoolGeometry) -> tuple[str, Any]:
 
 def max_pool2d_forward(x, kernel_size, stride=None, padding=0):
     """Max over each window (1); ``stride`` None means the window size, padding is -inf."""
-    geo = _geometry("max_pool2d", x, kernel_size, stride, padding)
+    geo = pool_geometry("max_pool2d", x, kernel_size, stride, padding)
     x = cp.ascontiguousarray(x)
     suffix, index_dtype = _index_suffix(geo)
     y = cp.empty((*x.shape[:2], *geo.out), dtype=x.dtype)
@@ -324,7 +294,7 @@ class AvgPoolCache(NamedTuple):
 
 def avg_pool2d_forward(x, kernel_size, stride=None, padding=0):
     """Mean over each window (4); zero padding counts in the divisor kh*kw."""
-    geo = _geometry("avg_pool2d", x, kernel_size, stride, padding)
+    geo = pool_geometry("avg_pool2d", x, kernel_size, stride, padding)
     x = cp.ascontiguousarray(x)
     y = cp.empty((*x.shape[:2], *geo.out), dtype=x.dtype)
     if y.size:

@@ -60,6 +60,7 @@ import cupy
 import numpy as np
 
 from gpu.kernels import elementwise, reduction
+from reference.contracts import check_scp_settings
 from reference.errors import ConfigError, ShapeError
 
 __all__ = [
@@ -436,22 +437,10 @@ class ScpCache(NamedTuple):
     beta_dtype: Any
 
 
-def _check_scp_settings(k, c0, t, eps) -> None:
-    op = "scp_channel_mask"
-    if not (float(k) > 0 and math.isfinite(float(k))):
-        raise ConfigError(f"{op}: k must be a finite number > 0, got {k!r}")
-    if not (float(t) > 0 and math.isfinite(float(t))):
-        raise ConfigError(f"{op}: t must be a finite number > 0, got {t!r}")
-    if not (0 < float(c0) < 1):
-        raise ConfigError(f"{op}: c0 must lie strictly between 0 and 1, got {c0!r}")
-    if not math.isfinite(float(eps)):
-        raise ConfigError(f"{op}: eps must be a finite number, got {eps!r}")
-
-
 def scp_channel_mask_forward(gamma, beta, noise, k, c0, t, eps, training):
     """SCP channel mask: the relaxed sample (16) in training, the hard mask (17) in evaluation."""
     op = "scp_channel_mask"
-    _check_scp_settings(k, c0, t, eps)
+    check_scp_settings(k, c0, t, eps)
     gamma = _float_array(op, "gamma", gamma)
     beta = _float_array(op, "beta", beta)
     if gamma.ndim != 1 or beta.shape != gamma.shape:

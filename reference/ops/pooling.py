@@ -39,7 +39,9 @@ from typing import NamedTuple
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .conv import _offset, _pad, _pair
+from reference.contracts import PoolGeometry, pool_geometry
+
+from .conv import _offset, _pad
 
 __all__ = [
     "max_pool2d_forward",
@@ -49,37 +51,6 @@ __all__ = [
     "global_avg_pool2d_forward",
     "global_avg_pool2d_backward",
 ]
-
-
-class PoolGeometry(NamedTuple):
-    x_shape: tuple[int, int, int, int]
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    out: tuple[int, int]
-
-
-def _geometry(op: str, x, kernel_size, stride, padding) -> PoolGeometry:
-    """Validate a pooling window against ``x`` and work out the output size."""
-    if x.ndim != 4:
-        raise ValueError(f"{op} expects x of shape (N, C, H, W), got {x.shape}")
-    kernel = _pair(kernel_size, "kernel_size")
-    stride = kernel if stride is None else _pair(stride, "stride")
-    padding = _pair(padding, "padding")
-    if min(kernel) < 1 or min(stride) < 1 or min(padding) < 0:
-        raise ValueError(
-            f"{op} needs kernel_size >= 1, stride >= 1 and padding >= 0, "
-            f"got kernel_size {kernel}, stride {stride}, padding {padding}"
-        )
-    if padding[0] > kernel[0] // 2 or padding[1] > kernel[1] // 2:
-        raise ValueError(f"{op} padding {padding} must be at most half the kernel size {kernel}")
-    out = tuple((n + 2 * p - k) // s + 1 for n, p, k, s in zip(x.shape[2:], padding, kernel, stride))
-    if min(out) < 1:
-        raise ValueError(
-            f"{op} output would be empty: input {x.shape[2:]} padded by {padding} is smaller "
-            f"than the kernel {kernel}"
-        )
-    return PoolGeometry(tuple(x.shape), kernel, stride, padding, out)  # type: ignore[arg-type]
 
 
 def _scatter(geo: PoolGeometry, dtype, pieces) -> np.ndarray:
@@ -100,7 +71,7 @@ class MaxPoolCache(NamedTuple):
 
 def max_pool2d_forward(x, kernel_size, stride=None, padding=0):
     """Max over each window (1); ``stride`` None means the window size, padding is -inf."""
-    geo = _geometry("max_pool2d", x, kernel_size, stride, padding)
+    geo = pool_geometry("max_pool2d", x, kernel_size, stride, padding)
     (kh, kw), (sh, sw) = geo.kernel, geo.stride
     n, c = x.shape[:2]
     ho, wo = geo.out
@@ -129,7 +100,7 @@ class AvgPoolCache(NamedTuple):
 
 def avg_pool2d_forward(x, kernel_size, stride=None, padding=0):
     """Mean over each window (4); zero padding counts in the divisor kh*kw."""
-    geo = _geometry("avg_pool2d", x, kernel_size, stride, padding)
+    geo = pool_geometry("avg_pool2d", x, kernel_size, stride, padding)
     (kh, kw), (sh, sw), (ho, wo) = geo.kernel, geo.stride, geo.out
     xp = _pad(x, *geo.padding)
     y = np.zeros((x.shape[0], x.shape[1], ho, wo), dtype=x.dtype)

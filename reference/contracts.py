@@ -1,0 +1,106 @@
+"""What each op accepts: argument checks shared by both kernel sets.
+
+The NumPy kernels (``reference.ops``) and the CuPy kernels (``gpu.ops``) are
+independent implementations of the same arithmetic, but an op's contract (the
+shapes, geometries and settings it accepts, and the words of the error when
+they are wrong) is one thing, so it is written once, here. These functions
+read only shapes, dtypes and Python settings, never array values, so calling
+them never synchronises with a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from reference.errors import ConfigError
+
+__all__ = ["PoolGeometry", "check_scp_settings", "conv2d_geometry", "pair", "pool_geometry"]
+
+
+def pair(value: Any, name: str) -> tuple[int, int]:
+    """``v`` -> ``(v, v)``; a pair stays a pair (as ints)."""
+    if isinstance(value, (int, np.integer)):
+        return int(value), int(value)
+    both = tuple(int(v) for v in value)
+    if len(both) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return both  # type: ignore[return-value]
+
+
+def conv2d_geometry(
+    x, w, b, stride, padding, groups
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """Validate conv2d's arguments; return ``(stride, padding, (Ho, Wo))``."""
+    if x.ndim != 4 or w.ndim != 4:
+        raise ValueError(
+            f"conv2d expects x (N, C, H, W) and w (O, C/groups, kh, kw), got x {x.shape} and w {w.shape}"
+        )
+    stride, padding = pair(stride, "stride"), pair(padding, "padding")
+    if min(stride) < 1 or min(padding) < 0:
+        raise ValueError(f"conv2d needs stride >= 1 and padding >= 0, got stride {stride}, padding {padding}")
+    n_out, c_in_group, kh, kw = w.shape
+    if groups < 1 or x.shape[1] % groups or n_out % groups or c_in_group * groups != x.shape[1]:
+        raise ValueError(
+            f"conv2d with groups={groups}: x has {x.shape[1]} channels and w has shape {w.shape}; "
+            f"expected both channel counts divisible by groups and w.shape[1] == {x.shape[1]} / {groups}"
+        )
+    if b is not None and tuple(b.shape) != (n_out,):
+        raise ValueError(f"conv2d bias must have shape ({n_out},), got {b.shape}")
+    if w.dtype != x.dtype or (b is not None and b.dtype != x.dtype):
+        got = f"x {x.dtype}, w {w.dtype}" + ("" if b is None else f", b {b.dtype}")
+        raise ValueError(f"conv2d expects one dtype for x, w and b, got {got}")
+    ho = (x.shape[2] + 2 * padding[0] - kh) // stride[0] + 1
+    wo = (x.shape[3] + 2 * padding[1] - kw) // stride[1] + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(
+            f"conv2d output would be empty: input {x.shape[2:]} padded by {padding} is smaller "
+            f"than the kernel {(kh, kw)}"
+        )
+    return stride, padding, (ho, wo)
+
+
+class PoolGeometry(NamedTuple):
+    x_shape: tuple[int, int, int, int]
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    out: tuple[int, int]
+
+
+def pool_geometry(op: str, x, kernel_size, stride, padding) -> PoolGeometry:
+    """Validate a pooling window against ``x`` and work out the output size."""
+    if x.ndim != 4:
+        raise ValueError(f"{op} expects x of shape (N, C, H, W), got {x.shape}")
+    kernel = pair(kernel_size, "kernel_size")
+    stride = kernel if stride is None else pair(stride, "stride")
+    padding = pair(padding, "padding")
+    if min(kernel) < 1 or min(stride) < 1 or min(padding) < 0:
+        raise ValueError(
+            f"{op} needs kernel_size >= 1, stride >= 1 and padding >= 0, "
+            f"got kernel_size {kernel}, stride {stride}, padding {padding}"
+        )
+    if padding[0] > kernel[0] // 2 or padding[1] > kernel[1] // 2:
+        raise ValueError(f"{op} padding {padding} must be at most half the kernel size {kernel}")
+    out = tuple((n + 2 * p - k) // s + 1 for n, p, k, s in zip(x.shape[2:], padding, kernel, stride))
+    if min(out) < 1:
+        raise ValueError(
+            f"{op} output would be empty: input {x.shape[2:]} padded by {padding} is smaller "
+            f"than the kernel {kernel}"
+        )
+    return PoolGeometry(tuple(x.shape), kernel, stride, padding, out)  # type: ignore[arg-type]
+
+
+def check_scp_settings(k, c0, t, eps) -> None:
+    """SCP's mask settings: ``k > 0``, ``t > 0``, ``0 < c0 < 1``, all finite."""
+    op = "scp_channel_mask"
+    if not (float(k) > 0 and math.isfinite(float(k))):
+        raise ConfigError(f"{op}: k must be a finite number > 0, got {k!r}")
+    if not (float(t) > 0 and math.isfinite(float(t))):
+        raise ConfigError(f"{op}: t must be a finite number > 0, got {t!r}")
+    if not (0 < float(c0) < 1):
+        raise ConfigError(f"{op}: c0 must lie strictly between 0 and 1, got {c0!r}")
+    if not math.isfinite(float(eps)):
+        raise ConfigError(f"{op}: eps must be a finite number, got {eps!r}")
