@@ -32,7 +32,32 @@ import re
 import string
 from typing import Any
 
-__all__ = ["REGISTRY", "Kernel", "KernelSpec", "check_source", "ctype", "elementwise", "raw", "reduction"]
+__all__ = [
+    "REGISTRY",
+    "WINDOW_INDEX",
+    "Kernel",
+    "KernelSpec",
+    "check_source",
+    "ctype",
+    "elementwise",
+    "raw",
+    "reduction",
+]
+
+# A device function for the gathers that run a sliding window backwards (col2im, the depthwise
+# input gradient, the pooling gradients): prepend it to a raw source that needs it.
+WINDOW_INDEX = r"""
+// Along one axis: the output position i whose window puts tap p on input position h
+// (h + pad = i stride + p). i >= 0; -1 when no window does; -2 when no larger tap can either
+// (h + pad - p only falls as p grows), so a loop over the taps may stop.
+__device__ __forceinline__ int window_index(int h, int pad, int p, int stride, int n_out) {
+    const int hp = h + pad - p;
+    if (hp < 0) return -2;
+    if (hp % stride != 0) return -1;
+    const int i = hp / stride;
+    return i < n_out ? i : -1;
+}
+"""
 
 _CTYPES = {
     "float32": "float",

@@ -110,7 +110,8 @@ extern "C" __global__ void conv_im2col(
 
 _COL2IM = kernels.raw(
     "conv_col2im",
-    r"""
+    kernels.WINDOW_INDEX
+    + r"""
 // (5): dx[n, c, h, w] = sum over the (p, q) with h + ph = i sh + p, w + pw = j sw + q, 0 <= i < Ho,
 // 0 <= j < Wo of dcols[(c,p,q), (n,i,j)]: a gather, one thread per input pixel, adding the taps in
 // row-major (p, q) order (deterministic, no atomics; the border of dxp is never formed).
@@ -133,17 +134,13 @@ extern "C" __global__ void conv_col2im(
         const ${T}* __restrict__ sample = dcols + (long long)n * hw_out;
         ${T} acc = (${T})0;
         for (int p = 0; p < kh; ++p) {
-            const int hp = h + ph - p;  // = i sh for the window that puts tap p on row h
-            if (hp < 0) break;          // hp only falls as p grows
-            if (hp % sh != 0) continue;
-            const int i = hp / sh;
-            if (i >= Ho) continue;
+            const int i = window_index(h, ph, p, sh, Ho);  // the window that puts tap p on row h
+            if (i == -2) break;
+            if (i < 0) continue;
             for (int q = 0; q < kw; ++q) {
-                const int wq = w + pw - q;
-                if (wq < 0) break;
-                if (wq % sw != 0) continue;
-                const int j = wq / sw;
-                if (j >= Wo) continue;
+                const int j = window_index(w, pw, q, sw, Wo);
+                if (j == -2) break;
+                if (j < 0) continue;
                 const int r = (c * kh + p) * kw + q;
                 acc += sample[(long long)r * n_cols + i * Wo + j];
             }
@@ -156,7 +153,8 @@ extern "C" __global__ void conv_col2im(
 
 _DEPTHWISE = kernels.raw(
     "conv_depthwise",
-    r"""
+    kernels.WINDOW_INDEX
+    + r"""
 // Depthwise convolution (G = C, Cg = 1, O = C m), NCHW, output channel o = c m + k reads input channel c.
 #define DW_TAPS 16   // taps per pass of the weight gradient (gpu/ops/conv.py: _DW_TAPS)
 #define DW_BLOCK 256 // threads per block of the weight gradient (gpu/ops/conv.py: _BLOCK)
@@ -221,17 +219,13 @@ extern "C" __global__ void conv_depthwise_backward_input(
         const ${T}* __restrict__ wc = w + (long long)c * m * taps;
         ${T} acc = (${T})0;
         for (int p = 0; p < kh; ++p) {
-            const int hp = h + ph - p;
-            if (hp < 0) break;
-            if (hp % sh != 0) continue;
-            const int i = hp / sh;
-            if (i >= Ho) continue;
+            const int i = window_index(h, ph, p, sh, Ho);  // the window that puts tap p on row h
+            if (i == -2) break;
+            if (i < 0) continue;
             for (int q = 0; q < kw; ++q) {
-                const int wq = ww + pw - q;
-                if (wq < 0) break;
-                if (wq % sw != 0) continue;
-                const int j = wq / sw;
-                if (j >= Wo) continue;
+                const int j = window_index(ww, pw, q, sw, Wo);
+                if (j == -2) break;
+                if (j < 0) continue;
                 for (int k = 0; k < m; ++k) {
                     acc += wc[k * taps + p * kw + q] * dyc[(long long)k * hw_out + i * Wo + j];
                 }

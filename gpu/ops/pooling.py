@@ -55,7 +55,8 @@ def _flat_launch(total: int) -> tuple[tuple[int], tuple[int]]:
 # --------------------------------------------------------------------------- kernels
 _MAX = kernels.raw(
     "pool_max",
-    r"""
+    kernels.WINDOW_INDEX
+    + r"""
 // Max pooling, NCHW; a window's tap (p, q) is the index p*kw + q, stored as I (unsigned char or int).
 
 // (1), (2): one thread per output (n, c, i, j), total = N*C*Ho*Wo. Padding reads as -inf; a tap replaces
@@ -112,17 +113,13 @@ __device__ void max_backward(const ${T}* __restrict__ dy, const I* __restrict__ 
         const long long base = plane * hw_out;
         ${T} acc = (${T})0;
         for (int p = 0; p < kh; ++p) {
-            const int hp = h + ph - p;
-            if (hp < 0) break;  // hp only falls as p grows
-            if (hp % sh != 0) continue;
-            const int i = hp / sh;
-            if (i >= Ho) continue;
+            const int i = window_index(h, ph, p, sh, Ho);  // the window that puts tap p on row h
+            if (i == -2) break;
+            if (i < 0) continue;
             for (int q = 0; q < kw; ++q) {
-                const int wq = w + pw - q;
-                if (wq < 0) break;
-                if (wq % sw != 0) continue;
-                const int j = wq / sw;
-                if (j >= Wo) continue;
+                const int j = window_index(w, pw, q, sw, Wo);
+                if (j == -2) break;
+                if (j < 0) continue;
                 const long long o = base + i * Wo + j;
                 if ((int)arg[o] == p * kw + q) acc += dy[o];
             }
@@ -163,7 +160,8 @@ extern "C" __global__ void pool_max_backward_i32(
 
 _AVG = kernels.raw(
     "pool_avg",
-    r"""
+    kernels.WINDOW_INDEX
+    + r"""
 // Average pooling, NCHW, zero padding counted in the divisor kh*kw.
 
 // (4): y[n,c,i,j] = (sum of the window's elements of x, taps in row-major order) / (kh kw);
@@ -213,17 +211,13 @@ extern "C" __global__ void pool_avg_backward(
         const ${T}* __restrict__ dyc = dy + plane * hw_out;
         ${T} acc = (${T})0;
         for (int p = 0; p < kh; ++p) {
-            const int hp = h + ph - p;
-            if (hp < 0) break;
-            if (hp % sh != 0) continue;
-            const int i = hp / sh;
-            if (i >= Ho) continue;
+            const int i = window_index(h, ph, p, sh, Ho);  // the window that puts tap p on row h
+            if (i == -2) break;
+            if (i < 0) continue;
             for (int q = 0; q < kw; ++q) {
-                const int wq = w + pw - q;
-                if (wq < 0) break;
-                if (wq % sw != 0) continue;
-                const int j = wq / sw;
-                if (j >= Wo) continue;
+                const int j = window_index(w, pw, q, sw, Wo);
+                if (j == -2) break;
+                if (j < 0) continue;
                 acc += dyc[i * Wo + j] / count;
             }
         }
