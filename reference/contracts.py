@@ -15,9 +15,17 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from reference.errors import ConfigError
+from reference.errors import ConfigError, ShapeError
 
-__all__ = ["PoolGeometry", "check_scp_settings", "conv2d_geometry", "pair", "pool_geometry"]
+__all__ = [
+    "PoolGeometry",
+    "batch_norm_channels",
+    "check_scp_settings",
+    "conv2d_geometry",
+    "cross_entropy_shapes",
+    "pair",
+    "pool_geometry",
+]
 
 
 def pair(value: Any, name: str) -> tuple[int, int]:
@@ -104,3 +112,37 @@ def check_scp_settings(k, c0, t, eps) -> None:
         raise ConfigError(f"{op}: c0 must lie strictly between 0 and 1, got {c0!r}")
     if not math.isfinite(float(eps)):
         raise ConfigError(f"{op}: eps must be a finite number, got {eps!r}")
+
+
+def batch_norm_channels(x, gamma, beta, running_mean, running_var, training: bool) -> int:
+    """Validate batch norm's inputs (x (N, C, ...), per-channel vectors (C,) or None); return C."""
+    if x.ndim < 2:
+        raise ShapeError(f"batch_norm expects x of shape (N, C) or (N, C, H, W), got {tuple(x.shape)}")
+    channels = x.shape[1]
+    if not training and (running_mean is None or running_var is None):
+        raise ShapeError("batch_norm in evaluation mode needs running_mean and running_var, got None")
+    per_channel_inputs = {"gamma": gamma, "beta": beta}
+    if not training:
+        per_channel_inputs.update(running_mean=running_mean, running_var=running_var)
+    for name, v in per_channel_inputs.items():
+        if v is not None and tuple(v.shape) != (channels,):
+            raise ShapeError(f"batch_norm expects {name} of shape ({channels},), got {tuple(v.shape)}")
+    return channels
+
+
+def cross_entropy_shapes(logits, labels) -> tuple[int, int]:
+    """Validate (N, K) logits against (N,) integer labels, N >= 1; return ``(N, K)``.
+
+    The label *values* are not read here (that would synchronise with a GPU).
+    """
+    if logits.ndim != 2:
+        raise ShapeError(f"softmax_cross_entropy expects logits of shape (N, K), got {tuple(logits.shape)}")
+    n, k = logits.shape
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        raise ShapeError(
+            f"softmax_cross_entropy expects integer labels of shape ({n},), "
+            f"got {labels.dtype} of shape {tuple(labels.shape)}"
+        )
+    if n == 0:
+        raise ShapeError("softmax_cross_entropy needs at least one row of logits, got N = 0")
+    return n, k

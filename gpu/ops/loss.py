@@ -36,6 +36,7 @@ import cupy as cp
 import numpy as np
 
 from gpu.kernels import elementwise, raw
+from reference.contracts import cross_entropy_shapes
 from reference.errors import ShapeError
 
 __all__ = ["softmax_cross_entropy_forward", "softmax_cross_entropy_backward"]
@@ -157,16 +158,7 @@ def softmax_cross_entropy_forward(
 ) -> tuple[cp.ndarray, SoftmaxCrossEntropyCache]:
     """Mean softmax cross-entropy of (N, K) ``logits`` against (N,) integer ``labels`` (equation (5))."""
     labels = cp.asarray(labels)  # a host array is copied to the device; a device array is kept
-    if logits.ndim != 2:
-        raise ShapeError(f"softmax_cross_entropy expects logits of shape (N, K), got {tuple(logits.shape)}")
-    n, k = logits.shape
-    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
-        raise ShapeError(
-            f"softmax_cross_entropy expects integer labels of shape ({n},), "
-            f"got {labels.dtype} of shape {tuple(labels.shape)}"
-        )
-    if n == 0:
-        raise ShapeError("softmax_cross_entropy needs at least one row of logits, got N = 0")
+    n, k = cross_entropy_shapes(logits, labels)
     # The label range is not checked (it would synchronise; see the module docstring), except that
     # with K = 0 no label can be valid: the reference's error, reading min/max on this failing path only.
     if k == 0:

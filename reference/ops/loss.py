@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from reference.contracts import cross_entropy_shapes
 from reference.errors import ShapeError
 
 __all__ = ["softmax_cross_entropy_forward", "softmax_cross_entropy_backward"]
@@ -46,16 +47,7 @@ def softmax_cross_entropy_forward(
 ) -> tuple[np.ndarray, SoftmaxCrossEntropyCache]:
     """Mean softmax cross-entropy of (N, K) ``logits`` against (N,) integer ``labels`` (equation (5))."""
     labels = np.asarray(labels)
-    if logits.ndim != 2:
-        raise ShapeError(f"softmax_cross_entropy expects logits of shape (N, K), got {tuple(logits.shape)}")
-    n, k = logits.shape
-    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
-        raise ShapeError(
-            f"softmax_cross_entropy expects integer labels of shape ({n},), "
-            f"got {labels.dtype} of shape {tuple(labels.shape)}"
-        )
-    if n == 0:
-        raise ShapeError("softmax_cross_entropy needs at least one row of logits, got N = 0")
+    n, k = cross_entropy_shapes(logits, labels)
     if labels.min() < 0 or labels.max() >= k:
         raise ShapeError(
             f"softmax_cross_entropy: labels must lie in [0, {k}), got [{labels.min()}, {labels.max()}]"

@@ -60,6 +60,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from reference.contracts import batch_norm_channels
 from reference.errors import ShapeError
 
 __all__ = ["batch_norm_forward", "batch_norm_backward"]
@@ -111,17 +112,7 @@ def batch_norm_forward(
     eps: float = 1e-5,
 ) -> tuple[np.ndarray, BatchNormCache]:
     """Batch norm of ``x`` (N, C, ...) per channel; ``running_*`` are read only in evaluation."""
-    if x.ndim < 2:
-        raise ShapeError(f"batch_norm expects x of shape (N, C) or (N, C, H, W), got {tuple(x.shape)}")
-    channels = x.shape[1]
-    if not training and (running_mean is None or running_var is None):
-        raise ShapeError("batch_norm in evaluation mode needs running_mean and running_var, got None")
-    per_channel_inputs = {"gamma": gamma, "beta": beta}
-    if not training:
-        per_channel_inputs.update(running_mean=running_mean, running_var=running_var)
-    for name, v in per_channel_inputs.items():
-        if v is not None and tuple(v.shape) != (channels,):
-            raise ShapeError(f"batch_norm expects {name} of shape ({channels},), got {tuple(v.shape)}")
+    channels = batch_norm_channels(x, gamma, beta, running_mean, running_var, training)
 
     dtype = x.dtype
     axes = _channel_axes(x.ndim)
