@@ -15,6 +15,22 @@ bf16       bfloat16 copies of float32  CUBLAS_COMPUTE_32F           float32
 (any)      float64                     CUBLAS_COMPUTE_64F           float64
 =========  ==========================  ===========================  ==========
 
+bfloat16 operands. Under ``bf16`` a float32 operand is rounded to a bfloat16
+copy on every call, except one that is already bfloat16: :func:`gemm_operand`
+makes that copy once, for an operand used by several GEMMs. The convolutions
+(:mod:`gpu.ops.conv`, general and pointwise paths) convert their weight once
+per forward and keep the copy in the op's cache, so every chunk and group of
+the forward and the input gradient of the backward reuse it: the weight is
+rounded once per training step instead of once per GEMM call, the same
+values as rounding on every call (the same float32 in, the same
+round-to-nearest-even out). The activations (im2col columns, ``dy``) and
+the operands of ``linear`` and ``matmul`` are still rounded per call. The
+copy lives only from an op's forward to its backward, when the tape already
+assumes the weight unchanged, so it cannot go stale when the weight is
+written between steps (optimizer, pruning masks, a loaded checkpoint). A
+bfloat16 operand met under another precision is widened back to float32,
+exactly.
+
 Row-major arrays and cuBLAS's column-major convention. A C-contiguous (r, c)
 array read column-major is its transpose, (c, r) with leading dimension c. So
 the row-major product ``C = op(A) op(B)`` (m, n) is computed as the
@@ -30,7 +46,7 @@ import numpy as np
 
 from gpu import runtime
 
-__all__ = ["gemm", "gemm_batched"]
+__all__ = ["gemm", "gemm_batched", "gemm_operand"]
 
 # cuBLAS and CUDA library constants (cublas_api.h, library_types.h)
 _OP_N, _OP_T = 0, 1
@@ -67,11 +83,36 @@ def _plan(dtype: Any) -> tuple[int, int, int, Any]:
     return _CUDA_R_32F, _CUDA_R_32F, _COMPUTE_32F, np.float32
 
 
+def _is_bfloat16(dtype: Any) -> bool:
+    return getattr(dtype, "name", "") == "bfloat16"
+
+
+def _arithmetic_dtype(x) -> Any:
+    """The dtype ``x`` stands for in a GEMM: float32 for a bfloat16 operand (a rounded float32)."""
+    return np.dtype(np.float32) if _is_bfloat16(x.dtype) else x.dtype
+
+
 def _operand(x, operand_type: int):
     """``x`` C-contiguous, and rounded to bfloat16 when the plan asks for it (a copy)."""
     import cupy
 
+    if _is_bfloat16(x.dtype):  # already rounded (gemm_operand); widened exactly for another plan
+        return cupy.ascontiguousarray(x if operand_type == _CUDA_R_16BF else x.astype(np.float32))
     if operand_type == _CUDA_R_16BF:
+        return cupy.ascontiguousarray(x.astype(_bfloat16()))
+    return cupy.ascontiguousarray(x)
+
+
+def gemm_operand(x):
+    """``x`` as it enters a GEMM under the current precision, for reuse by several GEMMs.
+
+    Under ``bf16`` a float32 ``x`` becomes a C-contiguous bfloat16 copy (the
+    rounding every call would otherwise repeat); otherwise ``x`` itself,
+    C-contiguous. :func:`gemm` and :func:`gemm_batched` take either form.
+    """
+    import cupy
+
+    if x.dtype == np.float32 and runtime.get_precision() == "bf16":
         return cupy.ascontiguousarray(x.astype(_bfloat16()))
     return cupy.ascontiguousarray(x)
 
@@ -102,18 +143,19 @@ def gemm(a, b, *, trans_a: bool = False, trans_b: bool = False, out=None, accumu
     import cupy
     from cupy.cuda import cublas
 
-    if a.ndim != 2 or b.ndim != 2 or a.dtype != b.dtype:
+    dtype = _arithmetic_dtype(a)
+    if a.ndim != 2 or b.ndim != 2 or dtype != _arithmetic_dtype(b):
         raise ValueError(
             f"gemm expects two 2-D arrays of one dtype, got {a.shape} {a.dtype}, {b.shape} {b.dtype}"
         )
     m, n, k = _dims(a.shape, b.shape, trans_a, trans_b)
-    operand_type, result_type, compute, scale = _plan(a.dtype)
+    operand_type, result_type, compute, scale = _plan(dtype)
     if out is None:
         if accumulate:
             raise ValueError("gemm: accumulate=True needs an out array to add into")
-        out = cupy.empty((m, n), dtype=a.dtype)
-    elif out.shape != (m, n) or out.dtype != a.dtype or not out.flags.c_contiguous:
-        raise ValueError(f"gemm: out must be C-contiguous ({m}, {n}) {a.dtype}, got {out.shape} {out.dtype}")
+        out = cupy.empty((m, n), dtype=dtype)
+    elif out.shape != (m, n) or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"gemm: out must be C-contiguous ({m}, {n}) {dtype}, got {out.shape} {out.dtype}")
     if m == 0 or n == 0:
         return out
     if k == 0:
@@ -154,7 +196,8 @@ def gemm_batched(a, b, *, trans_a: bool = False, trans_b: bool = False):
     import cupy
     from cupy.cuda import cublas
 
-    if a.dtype != b.dtype or a.ndim not in (2, 3) or b.ndim not in (2, 3) or a.ndim + b.ndim < 5:
+    dtype = _arithmetic_dtype(a)
+    if dtype != _arithmetic_dtype(b) or a.ndim not in (2, 3) or b.ndim not in (2, 3) or a.ndim + b.ndim < 5:
         raise ValueError(
             f"gemm_batched expects (B, ., .) arrays (one may be 2-D) of one dtype, got {a.shape} {a.dtype}, "
             f"{b.shape} {b.dtype}"
@@ -163,8 +206,8 @@ def gemm_batched(a, b, *, trans_a: bool = False, trans_b: bool = False):
     if a.ndim == 3 and b.ndim == 3 and a.shape[0] != b.shape[0]:
         raise ValueError(f"gemm_batched: batch sizes differ, {a.shape[0]} and {b.shape[0]}")
     m, n, k = _dims(a.shape, b.shape, trans_a, trans_b)
-    operand_type, result_type, compute, scale = _plan(a.dtype)
-    out = cupy.empty((batch, m, n), dtype=a.dtype)
+    operand_type, result_type, compute, scale = _plan(dtype)
+    out = cupy.empty((batch, m, n), dtype=dtype)
     if out.size == 0:
         return out
     if k == 0:

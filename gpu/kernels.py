@@ -22,7 +22,16 @@ The kernel-writing conventions of CuPy apply:
   from ``a``; ``reduce_type`` is the accumulator's C type.
 - ``raw``: a complete CUDA source with ``extern "C" __global__`` functions; the
   placeholder ``${T}`` is replaced by the C type of the floating dtype it is
-  compiled for, so one source serves float32 and float64.
+  compiled for, so one source serves float32 and float64. A raw kernel is
+  launched with :meth:`Kernel.launch`, or with :meth:`Kernel.launch_flat` for a
+  grid-stride loop over ``total`` elements (the grid size follows from the
+  count); the function object is looked up once per (dtype, function).
+
+Device helpers shared by raw sources (prepend the string to a source that
+needs it): :data:`WINDOW_INDEX` runs a sliding window backwards;
+:data:`BLOCK_REDUCE` is the one block-wide reduction of doubles (warp
+shuffles, then one shared-memory pass), used by batch norm, the loss, the
+depthwise weight gradient and the sparsity threshold gradients.
 """
 
 from __future__ import annotations
@@ -33,6 +42,8 @@ import string
 from typing import Any
 
 __all__ = [
+    "BLOCK_REDUCE",
+    "FLAT_BLOCK",
     "REGISTRY",
     "WINDOW_INDEX",
     "Kernel",
@@ -40,6 +51,7 @@ __all__ = [
     "check_source",
     "ctype",
     "elementwise",
+    "flat_grid",
     "raw",
     "reduction",
 ]
@@ -58,6 +70,48 @@ __device__ __forceinline__ int window_index(int h, int pad, int p, int stride, i
     return i < n_out ? i : -1;
 }
 """
+
+# Block-wide reductions of doubles, for blocks of a multiple of 32 threads (at most 1024). Every
+# thread of the block must call them (they hold barriers); every thread gets the result. The order of
+# the sums is fixed by the thread layout (a shuffle tree in each warp, then one over the warps'
+# results), so a launch with the same shape gives the same bits every time. ``buf`` is 33 doubles of
+# shared memory, free again when the call returns.
+BLOCK_REDUCE = r"""
+struct BlockSumOp {
+    __device__ __forceinline__ double operator()(double a, double b) const { return a + b; }
+};
+
+template <typename Op>
+__device__ __forceinline__ double block_reduce(double v, Op op, double identity, double* buf) {
+    const unsigned int lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    const unsigned int warps = (blockDim.x + 31u) >> 5;
+    for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_down_sync(0xffffffffu, v, offset));
+    if (lane == 0) buf[warp] = v;  // each warp's result
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < warps ? buf[lane] : identity;
+        for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_down_sync(0xffffffffu, v, offset));
+        if (lane == 0) buf[32] = v;
+    }
+    __syncthreads();
+    v = buf[32];
+    __syncthreads();  // buf is free for the next call
+    return v;
+}
+
+__device__ __forceinline__ double block_sum(double v, double* buf) {
+    return block_reduce(v, BlockSumOp(), 0.0, buf);
+}
+"""
+
+FLAT_BLOCK = 256  # threads per block of a flat (grid-stride, one thread per element) launch
+_MAX_BLOCKS = 1 << 20  # grid-stride loops cover anything beyond 2^28 elements
+
+
+def flat_grid(total: int, block: int = FLAT_BLOCK, max_blocks: int = _MAX_BLOCKS) -> tuple[int]:
+    """The grid of a grid-stride loop over ``total`` elements (``total`` > 0) in blocks of ``block``."""
+    return (max(1, min((total + block - 1) // block, max_blocks)),)
+
 
 _CTYPES = {
     "float32": "float",
@@ -104,6 +158,7 @@ class Kernel:
     def __init__(self, spec: KernelSpec):
         self.spec = spec
         self._built: dict[str, Any] = {}
+        self._functions: dict[tuple[str, str], Any] = {}  # (C type, function) -> CuPy function
 
     def _build(self, key: str) -> Any:
         import cupy
@@ -139,13 +194,29 @@ class Kernel:
         self, function: str, dtype: Any, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0
     ) -> None:
         """Launch ``function`` of a raw kernel compiled for the floating ``dtype``."""
-        if function not in self.spec.functions:
-            raise KeyError(f"raw kernel {self.spec.name!r} defines {self.spec.functions}, not {function!r}")
+        self.function(function, dtype)(grid, block, args, shared_mem=shared_mem)
+
+    def launch_flat(
+        self, function: str, dtype: Any, total: int, args: tuple, block: int = FLAT_BLOCK
+    ) -> None:
+        """Launch ``function`` as a grid-stride loop over ``total`` elements (nothing when ``total`` is 0)."""
+        if total > 0:
+            self.launch(function, dtype, flat_grid(total, block), (block,), args)
+
+    def function(self, function: str, dtype: Any) -> Any:
+        """The CuPy function object of ``function`` compiled for ``dtype``, built and looked up once."""
         key = ctype(dtype)
-        module = self._built.get(key)
-        if module is None:
-            module = self._built[key] = self._build(key)
-        module.get_function(function)(grid, block, args, shared_mem=shared_mem)
+        found = self._functions.get((key, function))
+        if found is None:
+            if function not in self.spec.functions:
+                raise KeyError(
+                    f"raw kernel {self.spec.name!r} defines {self.spec.functions}, not {function!r}"
+                )
+            module = self._built.get(key)
+            if module is None:
+                module = self._built[key] = self._build(key)
+            found = self._functions[(key, function)] = module.get_function(function)
+        return found
 
 
 def _register(spec: KernelSpec) -> Kernel:

@@ -20,9 +20,13 @@ role glibc's heap plays for :mod:`reference.runtime`); :func:`memory_stats`
 reads it, for the benchmarks' peak-memory figures.
 
 Kernel cache. CuPy compiles each CUDA kernel on its first launch and keeps the
-binary in ``CUPY_CACHE_DIR``; :func:`configure` points that at
+binary in ``CUPY_CACHE_DIR``. Importing this module points that at
 ``~/.cache/learnsparse/cupy`` unless the variable is already set, so a second
-run starts without recompiling.
+run starts without recompiling. It has to happen here, at import: every path
+into CuPy through this package (:mod:`gpu` imports this module first, and
+:func:`unavailable_reason` is where CuPy is first imported) comes after it,
+and CuPy may read the variable when it is imported. A program that imported
+CuPy itself before :mod:`gpu` should set the variable itself.
 """
 
 from __future__ import annotations
@@ -52,6 +56,10 @@ __all__ = [
 
 PRECISIONS = ("tf32", "fp32", "bf16")
 _state = {"precision": "tf32", "configured": False}
+KERNEL_CACHE_DIR = Path.home() / ".cache" / "learnsparse" / "cupy"  # unless CUPY_CACHE_DIR says otherwise
+
+# Before anything here imports CuPy (see the module docstring); a value the user set is kept.
+os.environ.setdefault("CUPY_CACHE_DIR", str(KERNEL_CACHE_DIR))
 
 
 class DeviceUnavailable(ConfigError):
@@ -90,10 +98,9 @@ def require() -> None:
 
 
 def configure() -> None:
-    """One-time process settings: the kernel cache directory and the memory pool."""
+    """One-time process settings: the memory pool (the kernel cache directory is set at import)."""
     if _state["configured"]:
         return
-    os.environ.setdefault("CUPY_CACHE_DIR", str(Path.home() / ".cache" / "learnsparse" / "cupy"))
     import cupy
 
     cupy.cuda.set_allocator(cupy.get_default_memory_pool().malloc)

@@ -8,17 +8,30 @@ The whole engine is three ideas:
    name in the kernel set that matches the arrays (``reference.ops`` for NumPy,
    ``gpu.ops`` for CuPy)::
 
-       y, cache = <name>_forward(*inputs, **static)
+       y, cache = <name>_forward(*inputs, **static, needs_input_grad=needs)
        grads    = <name>_backward(dy, cache)   # one entry per input, None where none
 
+   ``needs`` holds one bool per input: whether that input requires a gradient
+   (and grad mode is on). The forward keeps in its cache only what the wanted
+   gradients read, and the backward returns None for the others without
+   computing them (the input image's gradient in the first conv, say). A
+   kernel set declares ``NEEDS_INPUT_GRAD = True`` when its forwards take the
+   argument; the engine passes it only then, and a set without it computes
+   every gradient.
+
    When any input requires a gradient, the result remembers a :class:`Node`:
-   the backward kernel, its cache and the input tensors. These nodes, linked
-   from output back to leaves, are the tape.
+   the backward kernel, its cache, and for each input the node that produced
+   it (or the leaf tensor itself, or None). These nodes, linked from output
+   back to leaves, are the tape. A node never holds the tensors its op made or
+   read: an intermediate output stays alive only while the caller, or some
+   cache, holds it.
 3. :meth:`Tensor.backward` orders the tape so that every node comes after all
    nodes that consume its output, walks it in that (reverse) order, calls each
    backward kernel once with the summed upstream gradient, and adds the results
    into ``.grad`` of the leaves (gradients accumulate across calls, as in
-   PyTorch; optimizers zero them).
+   PyTorch; optimizers zero them). Each node's cache is released as soon as
+   its backward has run, so the graph's memory falls during the backward and
+   nothing of it is left afterwards.
 
 The engine never looks inside the arrays: everything array-specific happens in
 the kernels, so the same code drives both backends.
@@ -29,9 +42,18 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
-__all__ = ["Tensor", "Node", "apply", "apply_with_cache", "no_grad", "is_grad_enabled", "as_array"]
+__all__ = [
+    "Tensor",
+    "Node",
+    "apply",
+    "apply_with_cache",
+    "as_array",
+    "graph_nodes",
+    "is_grad_enabled",
+    "no_grad",
+]
 
 
 class _GradMode(threading.local):
@@ -57,13 +79,33 @@ def no_grad() -> Iterator[None]:
         _grad_mode.enabled = previous
 
 
-class Node(NamedTuple):
-    """One recorded op: how to send a gradient from its output to its inputs."""
+class Node:
+    """One recorded op: how to send a gradient from its output to its inputs.
 
-    name: str
-    backward: Callable[..., tuple] | None  # None once a backward pass has freed the node
-    cache: Any
-    inputs: tuple  # Tensor for each input that needs a gradient, else None
+    ``inputs`` has one entry per input of the op: the :class:`Node` that
+    produced it, the leaf :class:`Tensor` itself (a tensor that requires a
+    gradient and was made by no op), or None (no gradient wanted). A backward
+    pass that frees the node sets ``backward`` and ``cache`` to None and
+    ``inputs`` to ``()``.
+    """
+
+    __slots__ = ("name", "backward", "cache", "inputs", "shape")
+
+    def __init__(self, name: str, backward: Callable[..., tuple] | None, cache: Any, inputs: tuple, shape=()):
+        self.name = name
+        self.backward = backward
+        self.cache = cache
+        self.inputs = inputs
+        self.shape = tuple(shape)  # the output's shape (for error messages and for printing the tape)
+
+    def free(self) -> None:
+        """Release the cache and the links to the inputs (the node stays, marked as used)."""
+        self.backward = None
+        self.cache = None
+        self.inputs = ()
+
+    def __repr__(self) -> str:
+        return f"Node({self.name!r}, shape={self.shape})"
 
 
 class Tensor:
@@ -144,33 +186,43 @@ class Tensor:
         elif tuple(dy.shape) != self.shape:
             raise ValueError(f"backward(dy): dy has shape {tuple(dy.shape)}, expected {self.shape}")
 
-        order = _topological_order(self)
-        grads: dict[int, Any] = {id(self): dy}
-        for tensor in order:  # outputs first, leaves last
-            g = grads.pop(id(tensor), None)
-            if g is None:
+        if self.node is None:  # a leaf: d(self)/d(self) = 1
+            self.grad = dy if self.grad is None else self.grad + dy
+            return
+        order = _topological_order(self.node)
+        grads: dict[int, Any] = {id(self.node): dy}  # pending gradients of node outputs
+        leaves: dict[int, tuple[Tensor, Any]] = {}  # summed gradients of leaf tensors
+        for node in order:  # outputs first
+            g = grads.pop(id(node), None)
+            if g is None:  # no gradient reached this node's output
+                if not retain_graph:
+                    node.free()
                 continue
-            if tensor.node is None:  # a leaf
-                tensor.grad = g if tensor.grad is None else tensor.grad + g
-                continue
-            node = tensor.node
             if node.backward is None:
                 raise RuntimeError(
                     f"backward() through '{node.name}' a second time, but the first call freed its "
                     "cache; pass retain_graph=True to the first backward() to keep it"
                 )
             input_grads = node.backward(g, node.cache)
+            del g
             if len(input_grads) != len(node.inputs):
                 raise RuntimeError(
                     f"{node.name}_backward returned {len(input_grads)} gradients for {len(node.inputs)} inputs"
                 )
+            parents = node.inputs
             if not retain_graph:
-                tensor.node = node._replace(backward=None, cache=None, inputs=())
-            for parent, g_in in zip(node.inputs, input_grads):
+                node.free()  # the cache is released before the next node's backward runs
+            for parent, g_in in zip(parents, input_grads):
                 if parent is None or g_in is None:
                     continue
                 key = id(parent)
-                grads[key] = g_in if key not in grads else grads[key] + g_in
+                if isinstance(parent, Tensor):
+                    leaves[key] = (parent, g_in) if key not in leaves else (parent, leaves[key][1] + g_in)
+                else:
+                    grads[key] = g_in if key not in grads else grads[key] + g_in
+            del input_grads, parents
+        for leaf, g in leaves.values():
+            leaf.grad = g if leaf.grad is None else leaf.grad + g
 
     # ------------------------------------------------------------- operators
     # Thin sugar over the functional API, imported late to avoid a cycle.
@@ -242,30 +294,34 @@ class Tensor:
         return F.reshape(self, shape)
 
 
-def _topological_order(root: Tensor) -> list[Tensor]:
-    """Tensors reachable from ``root``, each after every tensor that consumes it.
+def _topological_order(root: Node) -> list[Node]:
+    """Nodes reachable from ``root``, each after every node that consumes its output.
 
     Iterative depth-first search (deep networks would overflow Python's
-    recursion limit), then reversed post-order.
+    recursion limit), then reversed post-order. Leaf tensors are not listed.
     """
-    order: list[Tensor] = []
+    order: list[Node] = []
     visited: set[int] = set()
-    stack: list[tuple[Tensor, bool]] = [(root, False)]
+    stack: list[tuple[Node, bool]] = [(root, False)]
     while stack:
-        tensor, expanded = stack.pop()
+        node, expanded = stack.pop()
         if expanded:
-            order.append(tensor)
+            order.append(node)
             continue
-        if id(tensor) in visited:
+        if id(node) in visited:
             continue
-        visited.add(id(tensor))
-        stack.append((tensor, True))
-        if tensor.node is not None:
-            for parent in tensor.node.inputs:
-                if parent is not None and id(parent) not in visited:
-                    stack.append((parent, False))
+        visited.add(id(node))
+        stack.append((node, True))
+        for parent in node.inputs:
+            if isinstance(parent, Node) and id(parent) not in visited:
+                stack.append((parent, False))
     order.reverse()
     return order
+
+
+def graph_nodes(root: Tensor) -> list[Node]:
+    """Every node of the tape below ``root``, consumers first (empty for a leaf or a constant)."""
+    return [] if root.node is None else _topological_order(root.node)
 
 
 def as_array(x: Any) -> Any:
@@ -279,7 +335,9 @@ def apply(name: str, *inputs: Any, **static: Any) -> Tensor:
     ``inputs`` are Tensors, arrays, Python scalars or None (an absent optional
     input such as a bias). ``static`` holds non-differentiable settings
     (stride, padding, training flag, ...). The kernel set is chosen from the
-    first array among the inputs.
+    first array among the inputs. The forward learns which inputs need a
+    gradient through ``needs_input_grad`` (see the module docstring); with
+    grad mode off, none does, and the forward keeps nothing for a backward.
     """
     return apply_with_cache(name, *inputs, **static)[0]
 
@@ -295,10 +353,14 @@ def apply_with_cache(name: str, *inputs: Any, **static: Any) -> tuple[Tensor, An
     arrays = tuple(as_array(x) for x in inputs)
     kernels = kernels_for(next((a for a in arrays if hasattr(a, "shape")), None))
     forward = getattr(kernels, f"{name}_forward")
-    y, cache = forward(*arrays, **static)
-    record = _grad_mode.enabled and any(isinstance(x, Tensor) and x.requires_grad for x in inputs)
-    if not record:
+    enabled = _grad_mode.enabled
+    needs = tuple(enabled and isinstance(x, Tensor) and x.requires_grad for x in inputs)
+    if getattr(kernels, "NEEDS_INPUT_GRAD", False):
+        y, cache = forward(*arrays, **static, needs_input_grad=needs)
+    else:
+        y, cache = forward(*arrays, **static)
+    if not any(needs):
         return Tensor(y), cache
-    parents = tuple(x if isinstance(x, Tensor) and x.requires_grad else None for x in inputs)
-    node = Node(name, getattr(kernels, f"{name}_backward"), cache, parents)
+    parents = tuple((x if x.node is None else x.node) if need else None for x, need in zip(inputs, needs))
+    node = Node(name, getattr(kernels, f"{name}_backward"), cache, parents, getattr(y, "shape", ()))
     return Tensor(y, requires_grad=True, node=node), cache

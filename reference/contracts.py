@@ -23,6 +23,7 @@ __all__ = [
     "check_scp_settings",
     "conv2d_geometry",
     "cross_entropy_shapes",
+    "ltp_temperature",
     "pair",
     "pool_geometry",
 ]
@@ -112,6 +113,34 @@ def check_scp_settings(k, c0, t, eps) -> None:
         raise ConfigError(f"{op}: c0 must lie strictly between 0 and 1, got {c0!r}")
     if not math.isfinite(float(eps)):
         raise ConfigError(f"{op}: eps must be a finite number, got {eps!r}")
+
+
+def ltp_temperature(op: str, temperature: Any, dtype: Any) -> float:
+    """LTP's temperature ``T`` (a number or a 0-d host array) as a Python float.
+
+    ``T`` must be finite, > 0 and nonzero once rounded to ``dtype`` (the weight's
+    dtype, in which the kernels divide by it): below half the smallest subnormal
+    (about 7e-46 in float32, 2.5e-324 in float64) it rounds to 0 and ``W^2 = tau``
+    would give ``0 / 0``. A device array is the caller's to handle (its value is
+    not read here).
+    """
+    if isinstance(temperature, np.ndarray):
+        if temperature.shape != ():
+            raise ShapeError(
+                f"{op} expects temperature as a number or a 0-d array, got shape {temperature.shape}"
+            )
+        temperature = temperature.item()
+    value = float(temperature)
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{op}: temperature must be a finite number > 0, got {temperature!r}")
+    dtype = np.dtype(dtype)
+    if dtype.type(value) == 0:
+        raise ConfigError(
+            f"{op}: temperature {temperature!r} rounds to 0 in {dtype.name}, the weight's dtype; "
+            f"expected a number >= {float(np.finfo(dtype).smallest_subnormal):.3g}, "
+            f"the smallest positive {dtype.name}"
+        )
+    return value
 
 
 def batch_norm_channels(x, gamma, beta, running_mean, running_var, training: bool) -> int:

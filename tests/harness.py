@@ -11,7 +11,10 @@ that the suite checks, for every op:
    and proves nothing);
 3. a central finite difference of the kernel's own forward along a random
    direction equals the backward's directional derivative (independent of the
-   oracle).
+   oracle);
+4. asked for a drawn subset of the gradients (``needs_input_grad``, as the
+   engine asks when some inputs need none), the backward returns None for the
+   others and, for the wanted ones, exactly the arrays of a full backward.
 
 Inputs are drawn away from kinks by construction (e.g. ``|x| >= 0.1`` for
 ReLU), so the finite difference never straddles one; each op's kink
@@ -106,6 +109,28 @@ def check_backward(case: OpCase, data: st.DataObject) -> None:
         assert grads[i] is not None, f"no gradient for input {i}"
         assert grads[i].shape == np.shape(args[i]), f"input {i}: grad shape {grads[i].shape}"
         np.testing.assert_allclose(grads[i], expected, rtol=case.rtol, atol=case.atol, err_msg=f"input {i}")
+    check_skipped_gradients(case, data, args, static, dy, grads)
+
+
+def check_skipped_gradients(case: OpCase, data: st.DataObject, args, static, dy, full_grads) -> None:
+    """Ask for a drawn subset of the gradients: the others are None, the wanted ones unchanged.
+
+    ``full_grads`` is the backward's answer when every gradient is wanted. The
+    inputs outside ``case.wrt`` (labels, settings, absent options) are never wanted.
+    """
+    # the engine never records an op with no wanted gradient, so at least one is wanted
+    wanted = data.draw(st.sets(st.sampled_from(case.wrt), min_size=1), label="wanted gradients")
+    needs = tuple(i in wanted for i in range(len(args)))
+    forward, backward = kernels(case.name)
+    y, cache = forward(*args, **static, needs_input_grad=needs)
+    grads = backward(dy, cache)
+    assert len(grads) == len(args), f"{len(grads)} gradients for {len(args)} inputs"
+    for i in case.wrt:
+        if i in wanted:
+            assert grads[i] is not None, f"input {i} was wanted, got no gradient (needs {needs})"
+            np.testing.assert_array_equal(grads[i], full_grads[i], err_msg=f"input {i}, needs {needs}")
+        else:
+            assert grads[i] is None, f"input {i} was not wanted, got a gradient (needs {needs})"
 
 
 def check_finite_difference(case: OpCase, data: st.DataObject, h: float = 1e-6) -> None:

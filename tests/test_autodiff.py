@@ -122,3 +122,131 @@ def test_backward_frees_the_graph_unless_retained():
     with pytest.raises(RuntimeError, match="retain_graph=True"):
         y.backward()
     assert y.node.cache is None and y.node.inputs == ()
+
+
+# ------------------------------------------------------------- what the graph holds
+
+
+def _step_graph(method_name: str):
+    """A digits CNN with ``method_name`` installed, after forward and loss: (model, x, loss, nodes)."""
+    from reference.autodiff import graph_nodes
+    from reference.config import TrainConfig
+    from reference.sparsity import StepContext, build_method
+    from tests.common import digits_batch, digits_model
+
+    model = digits_model()
+    method = build_method(TrainConfig(method=method_name))
+    method.attach(model)
+    model.train()
+    method.before_step(model, StepContext(0, 0, 1, 1, np.random.default_rng(0)))
+    x, labels = digits_batch()
+    loss = F.softmax_cross_entropy(model(Tensor(x)), labels)
+    extra = method.regularization(model)
+    full = loss if extra is None else loss + extra
+    return model, x, full, graph_nodes(full)
+
+
+@pytest.mark.parametrize("method_name", ["dense", "str", "ltp", "scp"])
+def test_after_backward_no_cache_and_no_intermediate_array_is_alive(method_name):
+    import weakref
+
+    from reference.caches import buffer_of, cache_arrays
+
+    model, x, loss, nodes = _step_graph(method_name)
+    owned = {id(buffer_of(a)) for a in [x, *(p.data for p in model.parameters())]}
+    intermediates = [
+        weakref.ref(buffer_of(a))
+        for node in nodes
+        for a in cache_arrays(node.cache)
+        if isinstance(a, np.ndarray) and id(buffer_of(a)) not in owned  # (NumPy scalars: no weakref)
+    ]
+    assert intermediates, "the graph should hold some activations before the backward"
+    loss.backward()
+    assert all(n.cache is None and n.backward is None and n.inputs == () for n in nodes)
+    # nothing else (layers, tensors, the loss) keeps an activation alive: no collector run needed
+    alive = [r() for r in intermediates if r() is not None]
+    assert not alive, f"{len(alive)} intermediate arrays outlive the backward: {[a.shape for a in alive]}"
+
+
+def test_a_node_holds_no_tensor_so_a_dropped_output_is_freed():
+    """The tape links nodes, not tensors: an output nobody holds (and no cache needs) is freed."""
+    import weakref
+
+    x = leaf(np.arange(6.0) - 2.5)
+    h = x + 1.0  # add caches no array; only the consumer's node links to add's node
+    kept = weakref.ref(h.data)
+    y = (h * 3.0).sum()  # mul by a scalar that needs no gradient keeps no array either
+    del h
+    assert kept() is None, "the intermediate output stayed alive through the graph"
+    y.backward()
+    np.testing.assert_array_equal(x.grad, np.full(6, 3.0))
+
+
+def test_relu_output_and_the_next_conv_input_are_one_buffer():
+    from reference.caches import cache_arrays, unique_bytes
+
+    rng = np.random.default_rng(0)
+    x = leaf(rng.standard_normal((2, 3, 6, 6)))
+    w = leaf(rng.standard_normal((4, 3, 3, 3)))
+    r = F.relu(x)
+    y = F.conv2d(r, w, padding=1)
+    relu_cache, conv_cache = r.node.cache, y.node.cache
+    assert relu_cache.y is r.data and conv_cache.x is r.data  # the same object, not copies
+    arrays = cache_arrays(relu_cache) + cache_arrays(conv_cache)
+    assert unique_bytes(arrays) == r.data.nbytes + w.data.nbytes  # counted once
+
+
+def test_unique_bytes_counts_each_buffer_once_through_views():
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    from reference.caches import cache_arrays, unique_bytes
+
+    a = np.zeros((8, 8), np.float32)
+    b = np.ones(5, np.float64)
+    views = [a, a.reshape(64), a[::2, 1:], a.T, sliding_window_view(a, (3, 3))]
+    cache = (views, {"again": a}, (b, b[1:], None, 3.0, "text"))
+    assert len(cache_arrays(cache)) == 8
+    assert unique_bytes(cache_arrays(cache)) == a.nbytes + b.nbytes
+    assert unique_bytes([a.copy(), a.copy()]) == 2 * a.nbytes  # equal values, two buffers
+
+
+def test_an_input_that_needs_no_gradient_gets_none_and_weights_are_unchanged():
+    """The stem conv: the image needs no gradient, so dx is skipped and w's is as before."""
+    from reference.ops import conv2d_backward, conv2d_forward
+
+    rng = np.random.default_rng(3)
+    image = rng.standard_normal((2, 3, 9, 9))
+    w = leaf(rng.standard_normal((4, 3, 3, 3)))
+    dy = rng.standard_normal((2, 4, 5, 5))
+    y = F.conv2d(Tensor(image), w, stride=2, padding=1)
+    node = y.node
+    assert node.inputs[0] is None and node.inputs[1] is w
+    assert node.cache.x is image and node.cache.w is None  # w is kept only for dx, which is not wanted
+    assert conv2d_backward(dy, node.cache)[0] is None
+    y.backward(dy)
+    _, full = conv2d_forward(image, w.data, stride=2, padding=1)
+    _, dw_full, _ = conv2d_backward(dy, full)
+    np.testing.assert_array_equal(w.grad, dw_full)
+
+
+def test_a_kernel_set_without_needs_input_grad_still_runs(monkeypatch):
+    """The engine passes ``needs_input_grad`` only to a kernel set that declares it takes it."""
+    import reference.ops as ops
+
+    seen = {}
+    real_forward = ops.mul_forward
+
+    def forward(a, b, **static):
+        seen.update(static)
+        return real_forward(a, b, **static)
+
+    monkeypatch.setattr(ops, "mul_forward", forward)
+    x = leaf([1.0, 2.0])
+    (x * 3.0).sum().backward()
+    assert seen == {"needs_input_grad": (True, False)}
+    seen.clear()
+    monkeypatch.setattr(ops, "NEEDS_INPUT_GRAD", False)
+    x.grad = None
+    (x * 3.0).sum().backward()
+    assert seen == {}
+    np.testing.assert_array_equal(x.grad, [3.0, 3.0])

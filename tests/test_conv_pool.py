@@ -5,6 +5,7 @@ general path, dtypes and argument errors."""
 import numpy as np
 import pytest
 
+from reference.caches import Conv2dCache
 from reference.contracts import conv2d_geometry
 from reference.ops import (
     avg_pool2d_backward,
@@ -76,10 +77,11 @@ def test_max_pool_padding_is_never_selected():
 def _general(x, w, b, stride, padding, groups):
     """The im2col path forced, whatever the shape (the reference for the shortcuts)."""
     stride, padding, out_hw = conv2d_geometry(x, w, b, stride, padding, groups)
-    y, cache = conv_ops._forward_general(x, w, stride, padding, groups, out_hw)
+    y = conv_ops._forward_general(x, w, stride, padding, groups, out_hw)
     if b is not None:
         y += b.reshape(1, -1, 1, 1)
-    return y, cache._replace(has_bias=b is not None)
+    needs = (True, True, b is not None)
+    return y, Conv2dCache("general", x, w, x.shape, w.shape, stride, padding, groups, needs)
 
 
 @pytest.mark.parametrize("multiplier", [1, 2])
@@ -145,7 +147,7 @@ def test_stride1_transposed_dx_equals_col2im(padding, groups):
     dy = rng.standard_normal(y.shape)
     # (N, O, Ho, Wo) -> (N, G, Og, Ho*Wo)
     dy_g = dy.reshape(2, groups, 6 // groups, -1)
-    dx_col2im = conv_ops._dx_col2im(dy_g, w, cache)
+    dx_col2im = conv_ops._dx_col2im(dy_g, w, cache, y.shape[2:])
     dx, _, _ = conv2d_backward(dy, cache)
     np.testing.assert_allclose(dx, dx_col2im, rtol=1e-12, atol=1e-12)
 
@@ -235,3 +237,32 @@ def test_conv_rejects_mixed_dtypes():
 def test_pooling_rejects_padding_over_half_the_window():
     with pytest.raises(ValueError, match="at most half"):
         max_pool2d_forward(np.zeros((1, 1, 4, 4)), kernel_size=2, padding=2)
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "w_shape", "static", "path"),
+    [
+        ((2, 3, 9, 9), (4, 3, 3, 3), {"stride": 2, "padding": 1}, "general"),
+        ((2, 3, 12, 12), (4, 3, 3, 3), {"padding": 1}, "shift"),
+        ((2, 3, 5, 5), (4, 3, 1, 1), {"stride": 2}, "pointwise"),
+        ((2, 4, 6, 6), (4, 1, 3, 3), {"padding": 1, "groups": 4}, "depthwise"),
+        ((2, 16, 4, 2), (16, 1, 3, 3), {"padding": 1, "groups": 16}, "depthwise-cl"),
+    ],
+)
+def test_every_conv_path_caches_its_input_and_weight_themselves(x_shape, w_shape, static, path):
+    """No im2col columns, padded or re-laid-out copies: the backward rebuilds them from x."""
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+    y, cache = conv2d_forward(x, w, **static)
+    assert cache.path == path
+    assert cache.x is x and cache.w is w
+    y_x, cache_x = conv2d_forward(x, w, **static, needs_input_grad=(True, False, False))
+    assert cache_x.x is None and cache_x.w is w  # dx reads w only
+    y_w, cache_w = conv2d_forward(x, w, **static, needs_input_grad=(False, True, False))
+    assert cache_w.x is x and cache_w.w is None  # dw reads x only
+    dy = rng.standard_normal(y.shape)
+    dx, dw, _ = conv2d_backward(dy, cache)
+    only_dx, only_dw = conv2d_backward(dy, cache_x), conv2d_backward(dy, cache_w)
+    assert only_dx[1] is None and only_dw[0] is None
+    np.testing.assert_array_equal(only_dx[0], dx)
+    np.testing.assert_array_equal(only_dw[1], dw)

@@ -10,6 +10,17 @@ the same random cotangent, and the results must agree:
   the reference's result (sums over thousands of terms in another order);
 - float32 with TF32 GEMMs (the training default) for the GEMM-based ops: within
   :data:`TF32_RTOL` (TF32 keeps 10 bits of mantissa in products).
+
+The float64 test asks both kernel sets for a drawn non-empty subset of the
+gradients (``needs_input_grad``, as the engine asks when some inputs need
+none): the wanted ones must agree and both sets must return None for the
+others. The float32 tests ask for every gradient.
+
+Every test runs on two backends (the ``gpu_backend`` fixture): ``device``, a
+CUDA GPU (marker ``gpu``, skipped without one), and ``emulated``, the CPU
+execution mode of ``tests/emulation`` (always, so CI exercises every kernel).
+The emulated run draws fewer hypothesis examples (:data:`EXAMPLES`) to keep
+its cost near a minute.
 """
 
 from __future__ import annotations
@@ -21,8 +32,6 @@ from hypothesis import strategies as st
 
 from tests.harness import kernels, rng_from
 from tests.opcases import CASES
-
-pytestmark = pytest.mark.gpu
 
 FLOAT64_RTOL = 1e-9
 FLOAT32_RTOL = {  # relative to max |reference result|; the default for ops not listed is 1e-5
@@ -62,12 +71,22 @@ def _host(value):
     return value.get() if hasattr(value, "get") and not isinstance(value, np.ndarray) else value
 
 
-def _run_both(case, data, dtype):
+def _run_both(case, data, dtype, subset: bool = False):
+    """Both kernel sets on one drawn case: ``(args, (y, grads) of the reference, (y, grads) of the twin)``.
+
+    With ``subset``, both are asked for a drawn non-empty subset of ``case.wrt``
+    (``needs_input_grad``) and the result gains the wanted indices; otherwise
+    every gradient is wanted (no ``needs_input_grad``, as a direct call).
+    """
     import gpu.ops
 
     args, static = case.draw(data)
     args = tuple(_cast(a, dtype) for a in args)
     static = {k: _cast(v, dtype) for k, v in static.items()}
+    wanted = set(case.wrt)
+    if subset:  # the engine never records an op with no wanted gradient, so at least one is wanted
+        wanted = data.draw(st.sets(st.sampled_from(case.wrt), min_size=1), label="wanted gradients")
+        static["needs_input_grad"] = tuple(i in wanted for i in range(len(args)))
     ref_forward, ref_backward = kernels(case.name)
     gpu_forward, gpu_backward = kernels(case.name, gpu.ops)
     y_ref, cache_ref = ref_forward(*args, **static)
@@ -75,15 +94,21 @@ def _run_both(case, data, dtype):
     grads_ref = ref_backward(dy, cache_ref)
     y_gpu, cache_gpu = gpu_forward(*(_to_gpu(a) for a in args), **static)
     grads_gpu = gpu_backward(_to_gpu(dy), cache_gpu)
-    return args, (y_ref, grads_ref), (_host(y_gpu), tuple(_host(g) for g in grads_gpu))
+    return args, (y_ref, grads_ref), (_host(y_gpu), tuple(_host(g) for g in grads_gpu)), wanted
 
 
-def _agree(case, args, ref, got, rtol, atol_floor=0.0):
+def _agree(case, args, ref, got, rtol, atol_floor=0.0, wanted=None):
+    """The twin's forward and wanted gradients agree with the reference's; the unwanted are None in both."""
     (y_ref, grads_ref), (y_gpu, grads_gpu) = ref, got
-    pairs = [("forward", y_ref, y_gpu)] + [(f"d input {i}", grads_ref[i], grads_gpu[i]) for i in case.wrt]
+    wanted = set(case.wrt) if wanted is None else wanted
     assert len(grads_gpu) == len(grads_ref), (
         f"{case.id}: {len(grads_gpu)} gradients, reference {len(grads_ref)}"
     )
+    for i in sorted(set(case.wrt) - wanted):
+        assert grads_ref[i] is None, f"{case.id} d input {i}: not wanted, the reference gave a gradient"
+        assert grads_gpu[i] is None, f"{case.id} d input {i}: not wanted, the GPU gave a gradient"
+    pairs = [("forward", y_ref, y_gpu)]
+    pairs += [(f"d input {i}", grads_ref[i], grads_gpu[i]) for i in case.wrt if i in wanted]
     for what, expected, actual in pairs:
         assert actual is not None, f"{case.id} {what}: the GPU gave no gradient"
         expected, actual = np.asarray(expected), np.asarray(actual)
@@ -95,42 +120,59 @@ def _agree(case, args, ref, got, rtol, atol_floor=0.0):
         )
 
 
+EXAMPLES = {  # hypothesis examples per op case: float64, float32, TF32
+    "device": (25, 25, 15),
+    "emulated": (10, 10, 6),
+}
+
+
+def _check_cases(backend: str, which: int, check) -> None:
+    """Run ``check(data)`` over hypothesis's examples: the backend's budget, or fewer if the profile says so."""
+    examples = min(EXAMPLES[backend][which], settings.default.max_examples)
+    settings(max_examples=examples)(given(data=st.data())(check))()
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-@settings(max_examples=25)
-@given(data=st.data())
-def test_gpu_equals_reference_float64(case, data):
+def test_gpu_equals_reference_float64(case, gpu_backend):
     from gpu import runtime
 
-    with runtime.precision("fp32"):
-        args, ref, got = _run_both(case, data, np.float64)
-    _agree(case, args, ref, got, FLOAT64_RTOL)
+    def check(data):
+        with runtime.precision("fp32"):
+            args, ref, got, wanted = _run_both(case, data, np.float64, subset=True)
+        _agree(case, args, ref, got, FLOAT64_RTOL, wanted=wanted)
+
+    _check_cases(gpu_backend, 0, check)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-@settings(max_examples=25)
-@given(data=st.data())
-def test_gpu_equals_reference_float32(case, data):
+def test_gpu_equals_reference_float32(case, gpu_backend):
     from gpu import runtime
 
-    with runtime.precision("fp32"):
-        args, ref, got = _run_both(case, data, np.float32)
-    _agree(case, args, ref, got, FLOAT32_RTOL.get(case.name, 1e-5))
+    def check(data):
+        with runtime.precision("fp32"):
+            args, ref, got, _ = _run_both(case, data, np.float32)
+        _agree(case, args, ref, got, FLOAT32_RTOL.get(case.name, 1e-5))
+
+    _check_cases(gpu_backend, 1, check)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in GEMM_OPS], ids=lambda c: c.id)
-@settings(max_examples=15)
-@given(data=st.data())
-def test_gpu_tf32_is_close_to_reference(case, data):
+def test_gpu_tf32_is_close_to_reference(case, gpu_backend):
     from gpu import runtime
 
-    with runtime.precision("tf32"):
-        args, ref, got = _run_both(case, data, np.float32)
-    _agree(case, args, ref, got, TF32_RTOL)
+    def check(data):
+        with runtime.precision("tf32"):
+            args, ref, got, _ = _run_both(case, data, np.float32)
+        _agree(case, args, ref, got, TF32_RTOL)
+
+    _check_cases(gpu_backend, 2, check)
 
 
 @pytest.mark.parametrize("name", ["tf32", "bf16"])
-def test_gemm_precision_changes_only_rounding(name):
+def test_gemm_precision_changes_only_rounding(name, gpu_backend):
     """TF32 and bfloat16 GEMMs differ from float32 by their operand rounding, no more."""
+    if name == "bf16":
+        pytest.importorskip("ml_dtypes", reason="bfloat16 GEMMs need ml_dtypes (the cuda extra installs it)")
     import cupy
 
     from gpu import blas, runtime
@@ -149,7 +191,7 @@ def test_gemm_precision_changes_only_rounding(name):
     assert got.dtype == np.float32
 
 
-def test_gemm_transposes_and_batches_match_numpy():
+def test_gemm_transposes_and_batches_match_numpy(gpu_backend):
     import cupy
 
     from gpu import blas, runtime
@@ -169,7 +211,7 @@ def test_gemm_transposes_and_batches_match_numpy():
         np.testing.assert_allclose(got, np.swapaxes(stack, 1, 2) @ a.T, rtol=1e-12)
 
 
-def test_fused_sgd_equals_the_reference_update():
+def test_fused_sgd_equals_the_reference_update(gpu_backend):
     """The one-kernel SGD (gpu.optim) against reference.optim's array update, 3 steps, every option."""
     import cupy
 

@@ -48,6 +48,19 @@ def _public_ops(path: Path) -> dict[str, list[str]]:
     return found
 
 
+NEEDS = "needs_input_grad"  # the forwards' last parameter in a kernel set that declares NEEDS_INPUT_GRAD
+
+
+def _declares_needs_input_grad(package: Path) -> bool:
+    """Whether ``package/__init__.py`` sets ``NEEDS_INPUT_GRAD = True`` (read from the source)."""
+    for node in ast.parse((package / "__init__.py").read_text()).body:
+        if isinstance(node, ast.Assign) and any(
+            getattr(t, "id", None) == "NEEDS_INPUT_GRAD" for t in node.targets
+        ):
+            return getattr(node.value, "value", None) is True
+    return False
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gpu_ops_mirror_reference_ops(family):
     gpu_path = ROOT / "gpu" / "ops" / f"{family}.py"
@@ -55,8 +68,17 @@ def test_gpu_ops_mirror_reference_ops(family):
     reference_ops, gpu_ops = _public_ops(ROOT / "reference" / "ops" / f"{family}.py"), _public_ops(gpu_path)
     assert reference_ops, f"reference/ops/{family}.py exports no ops"
     assert sorted(gpu_ops) == sorted(reference_ops), f"gpu/ops/{family}.py exports different ops"
+    for side, ops in (("reference", reference_ops), ("gpu", gpu_ops)):
+        declares = _declares_needs_input_grad(ROOT / side / "ops")
+        for name, params in ops.items():
+            if name.endswith("_forward"):
+                assert (params[-1:] == [NEEDS]) == declares, (
+                    f"{side}.ops.{name}: NEEDS_INPUT_GRAD is {declares}, so its last parameter "
+                    f"{'must' if declares else 'must not'} be {NEEDS}; got {params}"
+                )
     for name, params in reference_ops.items():
-        assert gpu_ops[name] == params, f"{family}.{name}: GPU parameters {gpu_ops[name]} != {params}"
+        ours, theirs = [p for p in params if p != NEEDS], [p for p in gpu_ops[name] if p != NEEDS]
+        assert theirs == ours, f"{family}.{name}: GPU parameters {gpu_ops[name]} != {params}"
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "gpu" / "ops").glob("*.py")), ids=lambda p: p.name)

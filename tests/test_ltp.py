@@ -290,3 +290,92 @@ def test_resume_with_a_controller_is_bit_identical(tmp_path):
     assert sorted(p.name for p in (tmp_path / "part" / "trail").iterdir()) == [
         "epoch_001.npz", "epoch_002.npz", "epoch_003.npz",
     ]  # fmt: skip
+
+
+# ------------------------------------------------------------- tiny temperatures, both kernel sets
+# reference.ops.sparsity, "Tiny temperatures": T_w (T in w's dtype) divides last and (8), (10),
+# (12), (14) saturate at the dtype's largest finite value (23); a T that rounds to 0 is rejected.
+KERNEL_SETS = ["reference", pytest.param("gpu", marks=pytest.mark.gpu)]
+TINY = [
+    (np.float32, 5.8e-39),  # just below 2 / max(float32) = 5.88e-39: 2/T overflows
+    (np.float32, 1e-45),  # the smallest positive float32 (a subnormal)
+    (np.float64, 1e-310),  # a float64 subnormal
+    (np.float64, 5e-324),  # the smallest positive float64
+]
+
+
+def _kernel_set(name: str):
+    """``(ops module, to_device, to_host)`` of one kernel set."""
+    if name == "reference":
+        import reference.ops as ops
+
+        return ops, np.asarray, np.asarray
+    import cupy
+
+    import gpu.ops as ops
+
+    return ops, cupy.asarray, lambda a: np.asarray(a.get())
+
+
+def _saturated(value: np.ndarray, dtype) -> np.ndarray:
+    """(23) on a float64 value computed from the formula: clipped to dtype's finite range, in dtype."""
+    big = float(np.finfo(dtype).max)
+    return np.clip(np.asarray(value, np.float64), -big, big).astype(dtype)
+
+
+@pytest.mark.parametrize("kernel_set", KERNEL_SETS)
+@pytest.mark.parametrize("dtype, temperature", TINY)
+def test_ltp_at_a_tiny_temperature_gives_finite_gradients_that_saturate_at_the_threshold(
+    kernel_set, dtype, temperature
+):
+    ops, to_device, to_host = _kernel_set(kernel_set)
+    t_w = float(dtype(temperature))  # the temperature the kernels divide by
+    # w[0]^2 == tau exactly (z = 0, m = 1/2, q = 1/4); every other weight is far outside the band
+    # (|z| >= 0.01 / T: m exactly 0 or 1 and q exactly 0), 1e20 with a square that overflows float32.
+    w = np.array([0.5, -0.6, 0.1, 0.0, 2.0, -1e20], dtype)
+    tau = np.asarray(0.25, dtype)
+    dy = np.array([0.7, -1.3, 0.4, 0.9, -0.2, 1.1], dtype)
+    outside = np.arange(w.size) > 0
+    m_outside = (w.astype(np.float64) ** 2 > 0.25)[outside].astype(dtype)  # exactly 0 or 1 there
+
+    y, cache = ops.ltp_mask_forward(to_device(w), to_device(tau), temperature)
+    y = to_host(y)
+    assert y[0] == w[0] / 2, "W^2 == tau: m = 1/2 whatever T is"
+    np.testing.assert_array_equal(y[outside], w[outside] * m_outside)
+
+    dw, dtau, _ = ops.ltp_mask_backward(to_device(dy), cache)
+    dw, dtau = to_host(dw), to_host(dtau)
+    assert np.all(~np.isnan(dw)) and not np.isnan(dtau)
+    np.testing.assert_array_equal(dw[outside], dy[outside] * m_outside)  # (8) with q = 0: exactly G m
+    at_threshold = 0.7 * 0.5 + 2 * 0.7 * (0.5 * 0.25) * 0.5 / t_w  # (8): G (m + 2 W^2 q / T)
+    np.testing.assert_allclose(dw[0], _saturated(at_threshold, dtype), rtol=1e-6)
+    np.testing.assert_allclose(dtau, _saturated(-(0.25 * 0.7 * 0.5) / t_w, dtype), rtol=1e-6)  # (10)
+    assert np.isfinite(dw).all() and np.isfinite(dtau)
+
+    l0, cache = ops.ltp_l0_forward(to_device(w), to_device(tau), temperature)
+    assert to_host(l0) == 0.5 + m_outside.sum()
+    dw, dtau, _ = ops.ltp_l0_backward(to_device(np.asarray(1.5, dtype)), cache)
+    dw, dtau = to_host(dw), to_host(dtau)
+    np.testing.assert_array_equal(dw[outside], 0.0)  # (12) with q = 0: exactly 0, never 0 * inf
+    np.testing.assert_allclose(dw[0], _saturated(2 * 1.5 * 0.5 * 0.25 / t_w, dtype), rtol=1e-6)  # (12)
+    np.testing.assert_allclose(dtau, _saturated(-(1.5 * 0.25) / t_w, dtype), rtol=1e-6)  # (14)
+    assert np.isfinite(dw).all() and np.isfinite(dtau)
+
+
+def test_the_tiny_temperature_cases_reach_both_regimes():
+    """The cases above cover a finite value beyond 2/T's range and a saturated one, in each dtype."""
+    finite = [(d, t) for d, t in TINY if 0.0875 / float(d(t)) < float(np.finfo(d).max)]
+    assert finite == [(np.float32, 5.8e-39)]  # 2/T alone would overflow, the gradient does not
+    assert all(2.0 / float(d(t)) > float(np.finfo(d).max) for d, t in TINY)
+
+
+@pytest.mark.parametrize("kernel_set", KERNEL_SETS)
+@pytest.mark.parametrize("forward", ["ltp_mask_forward", "ltp_l0_forward"])
+def test_ltp_rejects_a_temperature_that_rounds_to_zero_in_the_weights_dtype(kernel_set, forward):
+    ops, to_device, _ = _kernel_set(kernel_set)
+    w, tau = np.full(3, 0.5, np.float32), np.asarray(0.25, np.float32)
+    with pytest.raises(ConfigError, match=r"temperature 1e-46 rounds to 0 in float32.*1\.4e-45"):
+        getattr(ops, forward)(to_device(w), to_device(tau), 1e-46)
+    # the same T is a float64 subnormal, and float64 weights accept it
+    y, _ = getattr(ops, forward)(to_device(w.astype(np.float64)), to_device(tau.astype(np.float64)), 1e-46)
+    assert np.isfinite(_kernel_set(kernel_set)[2](y)).all()

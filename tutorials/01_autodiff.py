@@ -53,8 +53,9 @@ rng = np.random.default_rng(0)
 # - `apply(name, *inputs)` runs one op. Every op is a pair of stateless kernels,
 #   `name_forward(*inputs) -> (y, cache)` and `name_backward(dy, cache) -> (dx0, dx1, ...)`.
 #   If any input needs a gradient, the output remembers a `Node`: the backward kernel, its
-#   cache and the input tensors. These nodes, linked from the output back to the leaves, are the
-#   tape.
+#   cache and, for each input, the node that made it (or the leaf tensor itself). These nodes,
+#   linked from the output back to the leaves, are the tape. The forward is told which inputs
+#   need a gradient, so its cache holds only what those gradients read.
 # - `Tensor.backward()` orders the nodes so that each comes after every node that uses its
 #   output, then calls each backward kernel once, with the *sum* of the gradients flowing into
 #   that output.
@@ -73,12 +74,13 @@ loss = F.sum(h * h)
 
 
 def show_tape(t, depth=0):
-    """Print the graph below ``t``: each node's op name and its inputs, leaves marked."""
-    if t.node is None:
+    """Print the graph below ``t`` (a tensor or a node): each op's name and output shape, leaves marked."""
+    node = t.node if isinstance(t, Tensor) else t
+    if node is None:
         print("  " * depth + f"leaf {t.shape}")
         return
-    print("  " * depth + f"{t.node.name} -> {t.shape}")
-    for parent in t.node.inputs:
+    print("  " * depth + f"{node.name} -> {node.shape}")
+    for parent in node.inputs:
         if parent is not None:
             show_tape(parent, depth + 1)
 

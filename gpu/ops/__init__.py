@@ -3,8 +3,14 @@
 Same modules, same op names, same signatures and the same cache-then-backward
 contract::
 
-    name_forward(*inputs, **static) -> (y, cache)
+    name_forward(*inputs, **static, needs_input_grad=None) -> (y, cache)
     name_backward(dy, cache) -> (d<input0>, d<input1>, ...)   # None where no gradient
+
+``needs_input_grad`` is one bool per input, as :func:`reference.autodiff.apply`
+passes it (None, for a direct call, means every input that can have a
+gradient): the forward keeps in its cache only what the wanted gradients read,
+and the backward returns None for the others without computing them. The cache
+types are the reference's, declared once in :mod:`reference.caches`.
 
 Each module cites the reference module's numbered equations instead of
 deriving them again, and never calls :mod:`reference.ops`: the twin is an
@@ -37,6 +43,8 @@ from .norm import *  # noqa: F401,F403
 from .pooling import *  # noqa: F401,F403
 from .shape import *  # noqa: F401,F403
 from .sparsity import *  # noqa: F401,F403
+
+NEEDS_INPUT_GRAD = True  # every forward here takes needs_input_grad (see above)
 
 
 def op_names() -> list[str]:

@@ -27,16 +27,31 @@ Three paths, chosen by the shape alone in :func:`conv2d_forward`:
 - pointwise (1x1, G = 1): no window gather. ``X[n] = xp[n, :, ::sh, ::sw]`` as
   (C, L) (``x`` itself, reshaped, for stride 1 and no padding);
   ``y[n] = W X[n]`` is one strided-batched GEMM with W shared (stride 0). (4) is
-  one big GEMM on channel-major copies of ``dy`` and X, (C, N L) and (O, N L);
+  one big GEMM on channel-major copies of ``dy`` and X (X rebuilt from the cached
+  ``x``), (C, N L) and (O, N L);
   (5) is a batched GEMM ``W^T dY[n]``, scattered back into zeros when strided.
 - depthwise (G = C > 1, Cg = 1, O = C m): the GEMM of (2) degenerates, so (1),
   (7) and (8) each get a kernel: one thread per output (``conv_depthwise_forward``),
   one thread per input pixel gathering the outputs that read it
   (``conv_depthwise_backward_input``, deterministic), and one block per
   (output channel, batch segment) reducing over (n, i, j) for every tap at once
-  (``conv_depthwise_backward_weight``, warp-shuffle + shared-memory tree; the
+  (``conv_depthwise_backward_weight``, the shared ``block_sum`` per tap; the
   segments' partial sums are added by ``cupy.sum``, also deterministic). All
   three index NCHW flat, so consecutive threads touch consecutive W positions.
+
+The cache is the reference's :class:`reference.caches.Conv2dCache` and follows
+its rules: ``x`` itself (not the columns, not a padded or strided copy), kept
+only when ``dw`` is wanted, and the weight only when ``dx`` is; every path
+rebuilds what it works on from ``x`` in the backward (the general path's
+columns, the pointwise path's strided ``X``). A gradient nobody wants
+(``needs_input_grad``; the input image's, in the first conv) is None and is
+neither computed nor prepared for. The twin's path names are its own
+("general", "pointwise", "depthwise"): it has no shift or channels-last path.
+
+Under ``bf16`` precision the general and pointwise paths round the weight to
+bfloat16 once per forward (:func:`gpu.blas.gemm_operand`) and cache that copy
+(when ``dx`` is wanted) for the backward's input gradient; the columns and
+``dy`` are rounded per GEMM.
 
 Flat indices into arrays are 64-bit (``long long``); indices within one image
 plane or one column chunk are 32-bit. Nothing here synchronises with the host.
@@ -46,26 +61,19 @@ Dtypes: float32 or float64; the output and every gradient have ``x``'s dtype.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
 import cupy as cp
 import numpy as np
 
 from gpu import blas, kernels
+from reference.caches import Conv2dCache, grad_flags
 from reference.contracts import conv2d_geometry
 
 __all__ = ["conv2d_forward", "conv2d_backward"]
 
-_BLOCK = 256  # threads per block of every flat (one thread per element) launch
-_MAX_BLOCKS = 1 << 20  # grid-stride loops cover anything beyond 2^28 elements
+_BLOCK = kernels.FLAT_BLOCK  # threads per block of every launch here
 _COLUMN_ELEMENTS = 1 << 28  # at most this many values in one im2col buffer (1 GiB in float32)
 _DW_TAPS = 16  # taps per pass of conv_depthwise_backward_weight (must match DW_TAPS in the source)
 _DW_TARGET_BLOCKS = 1024  # blocks the depthwise weight gradient aims for (channels x segments)
-
-
-def _flat_launch(total: int) -> tuple[tuple[int], tuple[int]]:
-    """``(grid, block)`` for a grid-stride loop over ``total`` elements (``total`` > 0)."""
-    return (min((total + _BLOCK - 1) // _BLOCK, _MAX_BLOCKS),), (_BLOCK,)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -154,10 +162,10 @@ extern "C" __global__ void conv_col2im(
 _DEPTHWISE = kernels.raw(
     "conv_depthwise",
     kernels.WINDOW_INDEX
+    + kernels.BLOCK_REDUCE
     + r"""
 // Depthwise convolution (G = C, Cg = 1, O = C m), NCHW, output channel o = c m + k reads input channel c.
 #define DW_TAPS 16   // taps per pass of the weight gradient (gpu/ops/conv.py: _DW_TAPS)
-#define DW_BLOCK 256 // threads per block of the weight gradient (gpu/ops/conv.py: _BLOCK)
 
 // (1): y[n,o,i,j] = sum_{p,q} w[o,0,p,q] xp[n, o/m, i sh + p, j sw + q]; one thread per output,
 // total = N*O*Ho*Wo.
@@ -238,8 +246,8 @@ extern "C" __global__ void conv_depthwise_backward_input(
 // (7): dw[o,0,p,q] = sum_{n,i,j} dy[n,o,i,j] xp[n, o/m, i sh + p, j sw + q], for the taps
 // tap0 .. tap0 + ntaps - 1 (ntaps <= DW_TAPS) of every output channel. grid = (O, S): block (o, s)
 // reduces the positions e = (n, i, j) in [s seg_len, (s+1) seg_len) of channel o, each thread keeping
-// one running sum per tap in registers, then a warp-shuffle + shared-memory tree per tap; it writes
-// partial[s, o, tap] (S, O, kh*kw), summed over s on the host side. Launch with DW_BLOCK threads.
+// one running sum per tap in registers, then block_sum (warp shuffles + shared memory) per tap; it writes
+// partial[s, o, tap] (S, O, kh*kw), summed over s on the host side. Launch with a multiple of 32 threads.
 extern "C" __global__ void conv_depthwise_backward_weight(
     const ${T}* __restrict__ dy, const ${T}* __restrict__ x, ${T}* __restrict__ partial,
     const int N, const int C, const int H, const int W, const int m, const int kh, const int kw,
@@ -283,20 +291,13 @@ extern "C" __global__ void conv_depthwise_backward_weight(
         }
     }
 
-    __shared__ double warp_sums[DW_TAPS][DW_BLOCK / 32];
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
+    __shared__ double buf[33];  // for block_sum (gpu.kernels.BLOCK_REDUCE)
 #pragma unroll
-    for (int k = 0; k < DW_TAPS; ++k) {
-        double v = acc[k];
-        for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
-        if (lane == 0) warp_sums[k][warp] = v;
-    }
-    __syncthreads();
-    if (threadIdx.x < ntaps) {
-        double sum = 0.0;
-        for (int k = 0; k < (int)(blockDim.x >> 5); ++k) sum += warp_sums[threadIdx.x][k];
-        partial[((long long)s * O + o) * (kh * kw) + tap0 + threadIdx.x] = (${T})sum;
+    for (int k = 0; k < DW_TAPS; ++k) {  // unrolled: acc stays in registers
+        if (k < ntaps) {  // the same for the whole block, so every thread calls block_sum
+            const double sum = block_sum(acc[k], buf);
+            if (threadIdx.x == 0) partial[((long long)s * O + o) * (kh * kw) + tap0 + k] = (${T})sum;
+        }
     }
 }
 """,
@@ -317,46 +318,52 @@ def _pad(x, ph: int, pw: int):
 
 
 # --------------------------------------------------------------------------- public ops
-class Conv2dCache(NamedTuple):
-    path: str  # "general", "pointwise" or "depthwise"
-    # general and depthwise: x (N, C, H, W) contiguous; pointwise: X (N, C, Ho*Wo)
-    saved: Any
-    w: Any  # contiguous
-    x_shape: tuple[int, int, int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    groups: int
-    has_bias: bool
-
-
-def conv2d_forward(x, w, b=None, stride=1, padding=0, groups: int = 1):
+def conv2d_forward(x, w, b=None, stride=1, padding=0, groups: int = 1, needs_input_grad=None):
     """``y = conv2d(x, w) + b`` (1): x (N, C, H, W), w (O, C/groups, kh, kw), b (O,) or None.
 
     ``stride`` and ``padding`` are an int or an (h, w) pair; padding is zeros.
-    Returns ``y`` (N, O, Ho, Wo) in ``x``'s dtype and the cache for
-    :func:`conv2d_backward`.
+    ``needs_input_grad`` (three bools for x, w, b; None means all) says which
+    gradients the backward will be asked for. Returns ``y`` (N, O, Ho, Wo) in
+    ``x``'s dtype and the cache for :func:`conv2d_backward`.
     """
+    need_x, need_w, need_b = grad_flags("conv2d", needs_input_grad, 3)
     stride, padding, out_hw = conv2d_geometry(x, w, b, stride, padding, groups)
     groups = int(groups)
     n_out, c_in_group, kh, kw = w.shape
     x, w = cp.ascontiguousarray(x), cp.ascontiguousarray(w)
     if kh == kw == 1 and groups == 1:
-        y, cache = _forward_pointwise(x, w, stride, padding, out_hw)
+        path = "pointwise"
+        y, w_kept = _forward_pointwise(x, w, stride, padding, out_hw)
     elif groups == x.shape[1] > 1 and c_in_group == 1:
-        y, cache = _forward_depthwise(x, w, stride, padding, out_hw)
+        path = "depthwise"
+        y, w_kept = _forward_depthwise(x, w, stride, padding, out_hw), w
     else:
         # the general path adds the bias in the copy that lays y out as NCHW
-        y, cache = _forward_general(x, w, b, stride, padding, groups, out_hw)
-        return y, cache._replace(has_bias=b is not None)
-    if b is not None:
+        path = "general"
+        y, w_kept = _forward_general(x, w, b, stride, padding, groups, out_hw)
+    if b is not None and path != "general":
         y += b.reshape(1, n_out, 1, 1)  # (1)
-    return y, cache._replace(has_bias=b is not None)
+    cache = Conv2dCache(
+        path,
+        x if need_w else None,  # (4), (7) read x
+        w_kept if need_x else None,  # (5), (8) read w (the bfloat16 copy under bf16, general and pointwise)
+        tuple(x.shape),
+        tuple(w.shape),
+        stride,
+        padding,
+        groups,
+        (need_x, need_w, need_b and b is not None),
+    )
+    return y, cache
 
 
 def conv2d_backward(dy, cache: Conv2dCache):
-    """``(dx, dw, db)`` for :func:`conv2d_forward`; ``db`` is None when there was no bias."""
+    """``(dx, dw, db)`` for :func:`conv2d_forward`; each None where it was not wanted (or no bias)."""
+    need_x, need_w, need_b = cache.needs
     dy = cp.ascontiguousarray(dy)
-    db = dy.sum(axis=(0, 2, 3)) if cache.has_bias else None  # (3)
+    db = dy.sum(axis=(0, 2, 3)) if need_b else None  # (3)
+    if not (need_x or need_w):
+        return None, None, db
     if cache.path == "pointwise":
         dx, dw = _backward_pointwise(dy, cache)
     elif cache.path == "depthwise":
@@ -384,7 +391,7 @@ def _im2col(x_chunk, kh: int, kw: int, stride, padding, out_hw, out=None):
     )
     if rows == 0 or n_cols == 0:
         return cols
-    grid = (min((n_cols + _BLOCK - 1) // _BLOCK, _MAX_BLOCKS), min(rows, 65535))
+    grid = (*kernels.flat_grid(n_cols), min(rows, 65535))
     args = (
         x_chunk,
         cols,
@@ -412,7 +419,6 @@ def _col2im(d_cols, dx_chunk, kh: int, kw: int, stride, padding, out_hw) -> None
     total = dx_chunk.size
     if total == 0:
         return
-    grid, block = _flat_launch(total)
     args = (
         d_cols,
         dx_chunk,
@@ -430,7 +436,7 @@ def _col2im(d_cols, dx_chunk, kh: int, kw: int, stride, padding, out_hw) -> None
         np.int32(nc * ho * wo),
         np.int64(total),
     )
-    _COL2IM.launch("conv_col2im", dx_chunk.dtype, grid, block, args)  # (5)
+    _COL2IM.launch_flat("conv_col2im", dx_chunk.dtype, total, args)  # (5)
 
 
 def _forward_general(x, w, b, stride, padding, groups, out_hw):
@@ -438,6 +444,7 @@ def _forward_general(x, w, b, stride, padding, groups, out_hw):
     n_out, c_in_group, kh, kw = w.shape
     ho, wo = out_hw
     rows_g = c_in_group * kh * kw
+    w = blas.gemm_operand(w)  # rounded once for every GEMM of the forward and the backward (bf16)
     # (O, Cg, kh, kw) -> (G, Og, Cg*kh*kw)
     w_g = w.reshape(groups, n_out // groups, rows_g)
     y = cp.empty((n, n_out, ho, wo), dtype=x.dtype)
@@ -458,77 +465,100 @@ def _forward_general(x, w, b, stride, padding, groups, out_hw):
             y[n0:n1] = y_f
         else:
             cp.add(y_f, b.reshape(1, n_out, 1, 1), out=y[n0:n1])  # (1)
-    return y, Conv2dCache("general", x, w, tuple(x.shape), stride, padding, groups, False)
+    return y, w
 
 
 def _backward_general(dy, cache: Conv2dCache):
-    x, w, groups = cache.saved, cache.w, cache.groups
-    n, c = x.shape[:2]
-    n_out, c_in_group, kh, kw = w.shape
+    """(4) and (5) by chunks of the batch: the columns are gathered again from ``x`` only for ``dw``."""
+    x, w, groups = cache.x, cache.w, cache.groups
+    need_x, need_w, _ = cache.needs
+    n, c, h, wd = cache.x_shape
+    n_out, c_in_group, kh, kw = cache.w_shape
     ho, wo = dy.shape[2:]
     rows_g = c_in_group * kh * kw
     # (O, Cg, kh, kw) -> (G, Og, Cg*kh*kw)
-    w_g = w.reshape(groups, n_out // groups, rows_g)
-    dw = cp.zeros((groups, n_out // groups, rows_g), dtype=dy.dtype)
-    dx = cp.empty((n, c, x.shape[2], x.shape[3]), dtype=dy.dtype)
+    w_g = w.reshape(groups, n_out // groups, rows_g) if need_x else None
+    dw = cp.zeros((groups, n_out // groups, rows_g), dtype=dy.dtype) if need_w else None
+    dx = cp.empty((n, c, h, wd), dtype=dy.dtype) if need_x else None
     step = _chunk(n, c * kh * kw, ho * wo)
-    buffer = cp.empty(c * kh * kw * min(step, n) * ho * wo, dtype=dy.dtype)
+    buffer = None  # the columns of (4), then dX of (5) over them (groups = 1)
+    if need_w or groups == 1:
+        buffer = cp.empty(c * kh * kw * min(step, n) * ho * wo, dtype=dy.dtype)
     for n0 in range(0, n, step):
         n1 = min(n, n0 + step)
         width = (n1 - n0) * ho * wo
-        cols = _im2col(x[n0:n1], kh, kw, cache.stride, cache.padding, (ho, wo), out=buffer)  # (2) again
         # (Nc, O, Ho, Wo) -> (Nc, O, Ho*Wo) -> (O, Nc, Ho*Wo), copied -> (O, width): dY of (4), (5)
         dy_f = cp.ascontiguousarray(dy[n0:n1].reshape(n1 - n0, n_out, ho * wo).transpose(1, 0, 2))
         dy_f = dy_f.reshape(n_out, width)
-        if groups == 1:
-            blas.gemm(dy_f, cols, trans_b=True, out=dw[0], accumulate=True)  # (4): (O, C*kh*kw)
-            # the columns are spent: dX = W^T dY overwrites them, (C*kh*kw, width)
-            d_cols = blas.gemm(w_g[0], dy_f, trans_a=True, out=cols)  # (5)
-        else:
-            # (G, Og, width) times (G, Cg*kh*kw, width) transposed -> (G, Og, Cg*kh*kw)
-            dw += blas.gemm_batched(
-                dy_f.reshape(groups, -1, width), cols.reshape(groups, rows_g, width), trans_b=True
-            )  # (4)
-            # (G, Og, Cg*kh*kw) transposed times (G, Og, width) -> (G, Cg*kh*kw, width) -> (C*kh*kw, width)
-            d_cols = blas.gemm_batched(w_g, dy_f.reshape(groups, -1, width), trans_a=True)  # (5)
-            d_cols = d_cols.reshape(c * kh * kw, width)
-        _col2im(d_cols, dx[n0:n1], kh, kw, cache.stride, cache.padding, (ho, wo))  # (5)
+        if need_w:
+            cols = _im2col(x[n0:n1], kh, kw, cache.stride, cache.padding, (ho, wo), out=buffer)  # (2) again
+            if groups == 1:
+                blas.gemm(dy_f, cols, trans_b=True, out=dw[0], accumulate=True)  # (4): (O, C*kh*kw)
+            else:
+                # (G, Og, width) times (G, Cg*kh*kw, width) transposed -> (G, Og, Cg*kh*kw)
+                dw += blas.gemm_batched(
+                    dy_f.reshape(groups, -1, width), cols.reshape(groups, rows_g, width), trans_b=True
+                )  # (4)
+        if need_x:
+            if groups == 1:
+                # the columns are spent: dX = W^T dY overwrites the buffer, (C*kh*kw, width)
+                d_cols = buffer[: c * kh * kw * width].reshape(c * kh * kw, width)
+                d_cols = blas.gemm(w_g[0], dy_f, trans_a=True, out=d_cols)  # (5)
+            else:
+                # (G, Og, Cg*kh*kw) transposed times (G, Og, width) -> (G, Cg*kh*kw, width) -> (C*kh*kw, width)
+                d_cols = blas.gemm_batched(w_g, dy_f.reshape(groups, -1, width), trans_a=True)  # (5)
+                d_cols = d_cols.reshape(c * kh * kw, width)
+            _col2im(d_cols, dx[n0:n1], kh, kw, cache.stride, cache.padding, (ho, wo))  # (5)
     # (G, Og, Cg*kh*kw) -> (O, Cg, kh, kw)
-    return dx, dw.reshape(w.shape)
+    return dx, None if dw is None else dw.reshape(cache.w_shape)
 
 
 # --------------------------------------------------------------------------- pointwise path
-def _forward_pointwise(x, w, stride, padding, out_hw):
+def _pointwise_columns(x, stride, padding, out_hw):
+    """``X[n] = xp[n, :, ::sh, ::sw]`` of (2) as (N, C, Ho*Wo): a view of ``x`` at stride 1 without padding."""
     n, c = x.shape[:2]
-    n_out = w.shape[0]
     (sh, sw), (ph, pw), (ho, wo) = stride, padding, out_hw
     if (sh, sw, ph, pw) == (1, 1, 0, 0):
         # (N, C, H, W) -> (N, C, H*W), a view
-        cols = x.reshape(n, c, ho * wo)
-    else:
-        # (N, C, Hp, Wp) -> strided (N, C, Ho, Wo), copied -> (N, C, Ho*Wo)
-        cols = cp.ascontiguousarray(_pad(x, ph, pw)[:, :, ::sh, ::sw]).reshape(n, c, ho * wo)
+        return x.reshape(n, c, ho * wo)
+    # (N, C, Hp, Wp) -> strided (N, C, Ho, Wo), copied -> (N, C, Ho*Wo)
+    return cp.ascontiguousarray(_pad(x, ph, pw)[:, :, ::sh, ::sw]).reshape(n, c, ho * wo)
+
+
+def _forward_pointwise(x, w, stride, padding, out_hw):
+    """``(y, w as it entered the GEMM)``: the weight is rounded once for the forward and the backward (bf16)."""
+    n, c = x.shape[:2]
+    n_out = w.shape[0]
+    ho, wo = out_hw
+    cols = _pointwise_columns(x, stride, padding, out_hw)
+    w = blas.gemm_operand(w)
     # (O, C, 1, 1) -> (O, C), shared by every sample: (N, O, Ho*Wo)
     y = blas.gemm_batched(w.reshape(n_out, c), cols)  # (2)
     # (N, O, Ho*Wo) -> (N, O, Ho, Wo)
-    y = y.reshape(n, n_out, ho, wo)
-    return y, Conv2dCache("pointwise", cols, w, tuple(x.shape), stride, padding, 1, False)
+    return y.reshape(n, n_out, ho, wo), w
 
 
 def _backward_pointwise(dy, cache: Conv2dCache):
+    """(4) from the columns rebuilt from ``x`` (only for ``dw``), (5) from the cached weight (only for ``dx``)."""
+    need_x, need_w, _ = cache.needs
     n, c, h, wd = cache.x_shape
     (sh, sw), (ph, pw) = cache.stride, cache.padding
     n_out, ho, wo = dy.shape[1:]
-    cols = cache.saved
     # (N, O, Ho, Wo) -> (N, O, Ho*Wo)
     dy_m = dy.reshape(n, n_out, ho * wo)
-    # (N, O, Ho*Wo) -> (O, N, Ho*Wo), copied -> (O, N*Ho*Wo)
-    dy_f = cp.ascontiguousarray(dy_m.transpose(1, 0, 2)).reshape(n_out, -1)
-    # (N, C, Ho*Wo) -> (C, N, Ho*Wo), copied -> (C, N*Ho*Wo)
-    cols_f = cp.ascontiguousarray(cols.transpose(1, 0, 2)).reshape(c, -1)
-    # (O, N*Ho*Wo) times (C, N*Ho*Wo) transposed -> (O, C) -> (O, C, 1, 1)
-    dw = blas.gemm(dy_f, cols_f, trans_b=True).reshape(cache.w.shape)  # (4)
-    del dy_f, cols_f
+    dx = dw = None
+    if need_w:
+        cols = _pointwise_columns(cache.x, cache.stride, cache.padding, (ho, wo))  # (2) again
+        # (N, O, Ho*Wo) -> (O, N, Ho*Wo), copied -> (O, N*Ho*Wo)
+        dy_f = cp.ascontiguousarray(dy_m.transpose(1, 0, 2)).reshape(n_out, -1)
+        # (N, C, Ho*Wo) -> (C, N, Ho*Wo), copied -> (C, N*Ho*Wo)
+        cols_f = cp.ascontiguousarray(cols.transpose(1, 0, 2)).reshape(c, -1)
+        del cols
+        # (O, N*Ho*Wo) times (C, N*Ho*Wo) transposed -> (O, C) -> (O, C, 1, 1)
+        dw = blas.gemm(dy_f, cols_f, trans_b=True).reshape(cache.w_shape)  # (4)
+        del dy_f, cols_f
+    if not need_x:
+        return dx, dw
     # (O, C) transposed times (N, O, Ho*Wo) -> (N, C, Ho*Wo) -> (N, C, Ho, Wo)
     d_cols = blas.gemm_batched(cache.w.reshape(n_out, c), dy_m, trans_a=True).reshape(n, c, ho, wo)  # (5)
     if (sh, sw, ph, pw) == (1, 1, 0, 0):
@@ -554,28 +584,30 @@ def _forward_depthwise(x, w, stride, padding, out_hw):
     n_out = w.shape[0]
     ho, wo = out_hw
     y = cp.empty((n, n_out, ho, wo), dtype=x.dtype)
-    if y.size:
-        grid, block = _flat_launch(y.size)
-        args = (x, w, y, *_depthwise_geometry(x.shape, w.shape, stride, padding, out_hw), np.int64(y.size))
-        _DEPTHWISE.launch("conv_depthwise_forward", x.dtype, grid, block, args)  # (1)
-    return y, Conv2dCache("depthwise", x, w, tuple(x.shape), stride, padding, x.shape[1], False)
+    args = (x, w, y, *_depthwise_geometry(x.shape, w.shape, stride, padding, out_hw), np.int64(y.size))
+    _DEPTHWISE.launch_flat("conv_depthwise_forward", x.dtype, y.size, args)  # (1)
+    return y
 
 
 def _backward_depthwise(dy, cache: Conv2dCache):
-    x, w = cache.saved, cache.w
-    n = x.shape[0]
-    n_out, _, kh, kw = w.shape
+    """(8) from the cached weight (only for ``dx``), (7) from the cached input (only for ``dw``)."""
+    x, w = cache.x, cache.w
+    need_x, need_w, _ = cache.needs
+    n = cache.x_shape[0]
+    n_out, _, kh, kw = cache.w_shape
     ho, wo = dy.shape[2:]
-    geometry = _depthwise_geometry(x.shape, w.shape, cache.stride, cache.padding, (ho, wo))
-    dx = cp.empty(x.shape, dtype=dy.dtype)
-    if dx.size:
-        grid, block = _flat_launch(dx.size)
+    geometry = _depthwise_geometry(cache.x_shape, cache.w_shape, cache.stride, cache.padding, (ho, wo))
+    dx = None
+    if need_x:
+        dx = cp.empty(cache.x_shape, dtype=dy.dtype)
         args = (dy, w, dx, *geometry, np.int64(dx.size))
-        _DEPTHWISE.launch("conv_depthwise_backward_input", dy.dtype, grid, block, args)  # (8)
+        _DEPTHWISE.launch_flat("conv_depthwise_backward_input", dy.dtype, dx.size, args)  # (8)
+    if not need_w:
+        return dx, None
     # (7): block (o, s) reduces the positions [s seg_len, (s+1) seg_len) of the N*Ho*Wo of channel o
     positions = n * ho * wo
     if positions == 0 or n_out == 0:
-        return dx, cp.zeros(w.shape, dtype=dy.dtype)
+        return dx, cp.zeros(cache.w_shape, dtype=dy.dtype)
     segments = max(1, min(-(-_DW_TARGET_BLOCKS // n_out), -(-positions // (8 * _BLOCK)), 65535))
     seg_len = -(-positions // segments)
     segments = -(-positions // seg_len)
@@ -597,5 +629,5 @@ def _backward_depthwise(dy, cache: Conv2dCache):
             "conv_depthwise_backward_weight", dy.dtype, (n_out, segments), (_BLOCK,), args
         )  # (7)
     # (S, O, kh*kw) -> (O, kh*kw) -> (O, 1, kh, kw)
-    dw = (partial[0] if segments == 1 else partial.sum(axis=0)).reshape(w.shape)  # (7)
+    dw = (partial[0] if segments == 1 else partial.sum(axis=0)).reshape(cache.w_shape)  # (7)
     return dx, dw

@@ -8,13 +8,18 @@ The equations are the reference's, cited by number:
 - (7), (8) sum and mean;
 - (9) |x|, subgradient ``sign(0) = 0``.
 
+The caches are the reference's (:mod:`reference.caches`) and keep what it keeps: ReLU its output,
+|x| its input, mul and div only the operands the wanted gradients read (``needs_input_grad``); a
+gradient nobody wants is None and is not computed.
+
 What the GPU changes:
 
-- ReLU forward writes ``y`` and the mask ``[x > 0]`` in one pass, and its backward is one kernel.
-- |x| forward writes ``|x|`` and ``sign(x)`` in one pass.
+- ReLU's backward is one kernel, ``dy * [y > 0]`` read from the cached output.
+- |x| backward is one kernel that forms ``sign(x)`` from the cached input as it multiplies.
 - mul and div backward compute both input gradients in one kernel (inputs broadcast inside the
-  kernel), when both operands are arrays of one floating dtype; otherwise (a Python scalar operand,
-  mixed dtypes) they fall back to plain CuPy expressions with the reference's type promotion.
+  kernel), when both are wanted and both operands are arrays of one floating dtype; otherwise (one
+  gradient wanted, a Python scalar operand, mixed dtypes) each wanted gradient is a plain CuPy
+  expression with the reference's type promotion.
 - Sums (``sum``, ``mean`` and every ``unbroadcast``) of float32/float64 arrays run in one reduction
   kernel that accumulates in float64 (CuPy's tree reduction: per-thread strided partial sums, then a
   shared-memory tree) and writes the input's dtype. The reference sums in the input dtype with NumPy's
@@ -26,11 +31,12 @@ value on the host.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import cupy as cp
 
 from gpu.kernels import elementwise, reduction
+from reference.caches import AbsCache, BinaryCache, ReduceCache, ReluCache, grad_flags
 
 __all__ = [
     "unbroadcast",
@@ -93,28 +99,28 @@ _div_backward_kernel = elementwise(
     "da = dy / b; db = (-dy * a) / (b * b)",
 )
 
-# ReLU forward (6): y = x * [x > 0] (as the reference: NaN stays NaN) and the mask, one pass.
+# ReLU forward (6): y = x * [x > 0] (as the reference: NaN stays NaN).
 _relu_forward_kernel = elementwise(
     "elementwise_relu_forward",
     "T x",
-    "T y, bool positive",
-    "positive = x > (T)0; y = x * (T)positive",
+    "T y",
+    "y = x * (T)(x > (T)0)",
 )
 
-# ReLU backward (6): dx = dy * [x > 0].
+# ReLU backward (6): dx = dy * [y > 0], the cached output's sign standing for [x > 0].
 _relu_backward_kernel = elementwise(
     "elementwise_relu_backward",
-    "T dy, bool positive",
+    "T dy, T y",
     "T dx",
-    "dx = dy * (T)positive",
+    "dx = dy * (T)(y > (T)0)",
 )
 
-# |x| forward (9): y = |x| and sign(x) (0 at 0, NaN at NaN, as np.sign), one pass.
-_abs_forward_kernel = elementwise(
-    "elementwise_abs_forward",
-    "T x",
-    "T y, T sign",
-    "y = fabs(x); sign = x > (T)0 ? (T)1 : (x < (T)0 ? (T)-1 : x)",
+# |x| backward (9): dx = dy * sign(x), sign(0) = 0 and sign(NaN) = NaN as np.sign.
+_abs_backward_kernel = elementwise(
+    "elementwise_abs_backward",
+    "T dy, T x",
+    "T dx",
+    "dx = dy * (x > (T)0 ? (T)1 : (x < (T)0 ? (T)-1 : x))",
 )
 
 
@@ -149,28 +155,28 @@ def unbroadcast(g, shape: tuple[int, ...] | None):
     return _sum(g, axes, True).reshape(shape)  # (1)
 
 
-def _shape(x: Any) -> tuple[int, ...] | None:
-    return tuple(x.shape) if hasattr(x, "shape") else None
+def _shape(x: Any, needed: bool = True) -> tuple[int, ...] | None:
+    """``x``'s shape, or None when ``x`` gets no gradient (a Python scalar, or not needed)."""
+    return tuple(x.shape) if needed and hasattr(x, "shape") else None
 
 
-class BinaryCache(NamedTuple):
-    a: Any
-    b: Any
-    a_shape: tuple[int, ...] | None
-    b_shape: tuple[int, ...] | None
+def _binary_shapes(op: str, a, b, needs_input_grad) -> tuple[Any, Any]:
+    """``(a_shape, b_shape)`` of the cache: None for an operand that gets no gradient."""
+    need_a, need_b = grad_flags(op, needs_input_grad, 2)
+    return _shape(a, need_a), _shape(b, need_b)
 
 
 # -------------------------------------------------------------------------------------------- arithmetic
-def add_forward(a, b):
-    return a + b, BinaryCache(None, None, _shape(a), _shape(b))
+def add_forward(a, b, needs_input_grad=None):
+    return a + b, BinaryCache(None, None, *_binary_shapes("add", a, b, needs_input_grad))
 
 
 def add_backward(dy, cache: BinaryCache):
     return unbroadcast(dy, cache.a_shape), unbroadcast(dy, cache.b_shape)  # (2)
 
 
-def sub_forward(a, b):
-    return a - b, BinaryCache(None, None, _shape(a), _shape(b))
+def sub_forward(a, b, needs_input_grad=None):
+    return a - b, BinaryCache(None, None, *_binary_shapes("sub", a, b, needs_input_grad))
 
 
 def sub_backward(dy, cache: BinaryCache):
@@ -179,13 +185,17 @@ def sub_backward(dy, cache: BinaryCache):
     return unbroadcast(dy, cache.a_shape), db  # (3)
 
 
-def mul_forward(a, b):
-    return a * b, BinaryCache(a, b, _shape(a), _shape(b))
+def mul_forward(a, b, needs_input_grad=None):
+    """``a * b``; the cache keeps ``b`` only for ``da`` and ``a`` only for ``db`` (4)."""
+    a_shape, b_shape = _binary_shapes("mul", a, b, needs_input_grad)
+    keep_a = a if b_shape is not None else None
+    keep_b = b if a_shape is not None else None
+    return a * b, BinaryCache(keep_a, keep_b, a_shape, b_shape)
 
 
 def mul_backward(dy, cache: BinaryCache):
     a, b = cache.a, cache.b
-    if _floating(dy, a, b):
+    if cache.a_shape is not None and cache.b_shape is not None and _floating(dy, a, b):
         da_full, db_full = _mul_backward_kernel(dy, a, b)  # (4)  both at dy's shape, one pass
         return unbroadcast(da_full, cache.a_shape), unbroadcast(db_full, cache.b_shape)  # (1)
     da = None if cache.a_shape is None else unbroadcast(dy * b, cache.a_shape)  # (4)
@@ -193,13 +203,17 @@ def mul_backward(dy, cache: BinaryCache):
     return da, db
 
 
-def div_forward(a, b):
-    return a / b, BinaryCache(a, b, _shape(a), _shape(b))
+def div_forward(a, b, needs_input_grad=None):
+    """``a / b``; ``da`` reads ``b``, ``db`` reads ``a`` and ``b`` (5)."""
+    a_shape, b_shape = _binary_shapes("div", a, b, needs_input_grad)
+    keep_a = a if b_shape is not None else None
+    keep_b = b if a_shape is not None or b_shape is not None else None
+    return a / b, BinaryCache(keep_a, keep_b, a_shape, b_shape)
 
 
 def div_backward(dy, cache: BinaryCache):
     a, b = cache.a, cache.b
-    if _floating(dy, a, b):
+    if cache.a_shape is not None and cache.b_shape is not None and _floating(dy, a, b):
         da_full, db_full = _div_backward_kernel(dy, a, b)  # (5)  both at dy's shape, one pass
         return unbroadcast(da_full, cache.a_shape), unbroadcast(db_full, cache.b_shape)  # (1)
     da = None if cache.a_shape is None else unbroadcast(dy / b, cache.a_shape)  # (5)
@@ -210,32 +224,20 @@ def div_backward(dy, cache: BinaryCache):
 
 
 # ------------------------------------------------------------------------------------------------ ReLU
-class ReluCache(NamedTuple):
-    positive: Any  # bool [x > 0], the subgradient 0 at x == 0
-
-
-def relu_forward(x):
-    if not _floating(x):
-        positive = x > 0
-        return x * positive, ReluCache(positive)
-    y, positive = _relu_forward_kernel(x)
-    return y, ReluCache(positive)
+def relu_forward(x, needs_input_grad=None):
+    """``max(x, 0)`` (6); the cache is the output itself: ``[y > 0] = [x > 0]``."""
+    grad_flags("relu", needs_input_grad, 1)
+    y = _relu_forward_kernel(x) if _floating(x) else x * (x > 0)  # (6)
+    return y, ReluCache(y)
 
 
 def relu_backward(dy, cache: ReluCache):
-    if not _floating(dy):
-        return (dy * cache.positive,)  # (6)
-    return (_relu_backward_kernel(dy, cache.positive),)  # (6)
+    if not _floating(dy, cache.y):
+        return (dy * (cache.y > 0),)  # (6)
+    return (_relu_backward_kernel(dy, cache.y),)  # (6)  0 at the kink x == 0 (y == 0)
 
 
 # ------------------------------------------------------------------------------------------ reductions
-class ReduceCache(NamedTuple):
-    x_shape: tuple[int, ...]
-    axis: tuple[int, ...]
-    keepdims: bool
-    count: int
-
-
 def _reduce_cache(x, axis, keepdims) -> ReduceCache:
     if axis is None:
         axes = tuple(range(x.ndim))
@@ -254,7 +256,8 @@ def _expand(dy, cache: ReduceCache):
     return dy
 
 
-def sum_forward(x, axis=None, keepdims: bool = False):
+def sum_forward(x, axis=None, keepdims: bool = False, needs_input_grad=None):
+    grad_flags("sum", needs_input_grad, 1)
     cache = _reduce_cache(x, axis, keepdims)
     return _sum(x, cache.axis, keepdims), cache
 
@@ -264,7 +267,8 @@ def sum_backward(dy, cache: ReduceCache):
     return (cp.broadcast_to(dy, cache.x_shape).copy(),)  # (7)  a fresh C-contiguous array
 
 
-def mean_forward(x, axis=None, keepdims: bool = False):
+def mean_forward(x, axis=None, keepdims: bool = False, needs_input_grad=None):
+    grad_flags("mean", needs_input_grad, 1)
     cache = _reduce_cache(x, axis, keepdims)
     if not _floating(x):
         return x.mean(axis=cache.axis, keepdims=keepdims), cache
@@ -278,16 +282,13 @@ def mean_backward(dy, cache: ReduceCache):
 
 
 # -------------------------------------------------------------------------------------- absolute value
-class AbsCache(NamedTuple):
-    sign: Any  # sign(x), 0 at x == 0: the subgradient of (9)
-
-
-def abs_forward(x):
-    if not _floating(x):
-        return cp.abs(x), AbsCache(cp.sign(x))
-    y, sign = _abs_forward_kernel(x)
-    return y, AbsCache(sign)
+def abs_forward(x, needs_input_grad=None):
+    """``|x|`` (9); the cache is ``x`` itself, ``sign(x)`` is recomputed in the backward."""
+    grad_flags("abs", needs_input_grad, 1)
+    return cp.abs(x), AbsCache(x)
 
 
 def abs_backward(dy, cache: AbsCache):
-    return (dy * cache.sign,)  # (9)
+    if not _floating(dy, cache.x):
+        return (dy * cp.sign(cache.x),)  # (9)
+    return (_abs_backward_kernel(dy, cache.x),)  # (9)  sign(0) = 0

@@ -19,18 +19,20 @@ A^T DY`` with ``A`` (B*m, k) and ``DY`` (B*m, n), which is (3) with the batch su
 GEMM; every other broadcast gradient is the batched product summed by ``unbroadcast``.
 
 Operands of different floating dtypes are promoted as NumPy's matmul does; gradients come back in
-their input's dtype, as in the reference.
+their input's dtype, as in the reference. The caches are the reference's (:mod:`reference.caches`):
+each keeps an operand only for the other's gradient, and a gradient nobody wants
+(``needs_input_grad``) is None and is not computed.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
 
 import cupy as cp
 import numpy as np
 
 from gpu.blas import gemm, gemm_batched
+from reference.caches import LinearCache, MatmulCache, grad_flags
 from reference.errors import ShapeError
 
 from .elementwise import _sum, unbroadcast
@@ -55,13 +57,12 @@ def _batch_view(x: cp.ndarray, batch: tuple[int, ...], count: int) -> cp.ndarray
     return cp.ascontiguousarray(full).reshape(count, rows, cols)
 
 
-class MatmulCache(NamedTuple):
-    a: cp.ndarray
-    b: cp.ndarray
+def matmul_forward(a: cp.ndarray, b: cp.ndarray, needs_input_grad=None) -> tuple[cp.ndarray, MatmulCache]:
+    """``a @ b`` for (..., m, k) and (..., k, n) with broadcast batch axes (equation (1)).
 
-
-def matmul_forward(a: cp.ndarray, b: cp.ndarray) -> tuple[cp.ndarray, MatmulCache]:
-    """``a @ b`` for (..., m, k) and (..., k, n) with broadcast batch axes (equation (1))."""
+    The cache keeps ``b`` only for ``da`` (2) and ``a`` only for ``db`` (3).
+    """
+    need_a, need_b = grad_flags("matmul", needs_input_grad, 2)
     if a.ndim < 2 or b.ndim < 2:
         raise ShapeError(
             f"matmul expects a of shape (..., m, k) and b of shape (..., k, n), "
@@ -72,10 +73,18 @@ def matmul_forward(a: cp.ndarray, b: cp.ndarray) -> tuple[cp.ndarray, MatmulCach
             f"matmul: inner sizes differ, a is {tuple(a.shape)} (k={a.shape[-1]}) "
             f"and b is {tuple(b.shape)} (k={b.shape[-2]})"
         )
+    cache = MatmulCache(
+        a if need_b else None,
+        b if need_a else None,
+        tuple(a.shape) if need_a else None,
+        tuple(b.shape) if need_b else None,
+        a.dtype,
+        b.dtype,
+    )
     dtype = cp.result_type(a, b)
     a_t, b_t = a.astype(dtype, copy=False), b.astype(dtype, copy=False)
     if a.ndim == 2 and b.ndim == 2:
-        return gemm(a_t, b_t), MatmulCache(a, b)  # (1)
+        return gemm(a_t, b_t), cache  # (1)
     batch = _batch_shape(a.shape[:-2], b.shape[:-2])
     count = math.prod(batch)
     (m, k), n = a.shape[-2:], b.shape[-1]
@@ -84,49 +93,62 @@ def matmul_forward(a: cp.ndarray, b: cp.ndarray) -> tuple[cp.ndarray, MatmulCach
         y = gemm(a_v.reshape(math.prod(a_v.shape[:-1]), k), b_v)  # (1)  (B*m, k) @ (k, n), or (m, k) @ (k, n)
     else:
         y = gemm_batched(a_v, b_v)  # (1)  (B, m, k) @ (B, k, n), a 2-D a at stride 0
-    return y.reshape(*batch, m, n), MatmulCache(a, b)
+    return y.reshape(*batch, m, n), cache
 
 
-def matmul_backward(dy: cp.ndarray, cache: MatmulCache) -> tuple[cp.ndarray, cp.ndarray]:
-    a, b = cache
-    dtype = cp.result_type(dy, a, b)
-    dy_t, a_t, b_t = (t.astype(dtype, copy=False) for t in (dy, a, b))
-    if a.ndim == 2 and b.ndim == 2:
-        da = gemm(dy_t, b_t, trans_b=True)  # (2)  (m, n) @ (n, k)
-        db = gemm(a_t, dy_t, trans_a=True)  # (3)  (k, m) @ (m, n)
-        return da.astype(a.dtype, copy=False), db.astype(b.dtype, copy=False)
+def matmul_backward(dy: cp.ndarray, cache: MatmulCache):
+    a, b, a_shape, b_shape, a_dtype, b_dtype = cache
+    # An unwanted operand's shape is still needed for the batch layout: the other operand's gradient
+    # reads that operand, so it is in the cache.
+    a_full = a_shape if a_shape is not None else tuple(a.shape)
+    b_full = b_shape if b_shape is not None else tuple(b.shape)
+    dtype = cp.result_type(dy.dtype, a_dtype, b_dtype)
+    dy_t = dy.astype(dtype, copy=False)
+    a_t = None if a is None else a.astype(dtype, copy=False)
+    b_t = None if b is None else b.astype(dtype, copy=False)
+    da = db = None
+    if len(a_full) == 2 and len(b_full) == 2:
+        if a_shape is not None:
+            da = gemm(dy_t, b_t, trans_b=True).astype(a_dtype, copy=False)  # (2)  (m, n) @ (n, k)
+        if b_shape is not None:
+            db = gemm(a_t, dy_t, trans_a=True).astype(b_dtype, copy=False)  # (3)  (k, m) @ (m, n)
+        return da, db
 
     batch = tuple(dy.shape[:-2])
     count = math.prod(batch)
-    (m, k), n = a.shape[-2:], b.shape[-1]
-    a_v, b_v = _batch_view(a_t, batch, count), _batch_view(b_t, batch, count)
+    (m, k), n = a_full[-2:], b_full[-1]
+    b_shared = math.prod(b_full[:-2]) == 1  # b is one matrix for every batch index (_batch_view)
     dy_rows = cp.ascontiguousarray(dy_t).reshape(count * m, n)  # (..., m, n) -> (B*m, n)
 
-    if b_v.ndim == 2:  # b shared: dy @ b^T for every batch index is one GEMM over the stacked rows
-        g_a = gemm(dy_rows, b_v, trans_b=True)  # (2)  (B*m, n) @ (n, k)
-    else:
-        g_a = gemm_batched(dy_rows.reshape(count, m, n), b_v, trans_b=True)  # (2)  (B, m, n) @ (B, n, k)
-    da = unbroadcast(g_a.reshape(*batch, m, k), tuple(a.shape))  # (2)  sum over a's broadcast axes
+    if a_shape is not None:
+        b_v = _batch_view(b_t, batch, count)
+        if b_shared:  # dy @ b^T for every batch index is one GEMM over the stacked rows
+            g_a = gemm(dy_rows, b_v, trans_b=True)  # (2)  (B*m, n) @ (n, k)
+        else:
+            g_a = gemm_batched(dy_rows.reshape(count, m, n), b_v, trans_b=True)  # (2)  (B, m, n) @ (B, n, k)
+        da = unbroadcast(g_a.reshape(*batch, m, k), a_shape)  # (2)  sum over a's broadcast axes
+        da = da.astype(a_dtype, copy=False)
 
-    if b_v.ndim == 2:  # b shared: its gradient sums over every batch index, A^T DY in one GEMM
-        a_rows = a_v.reshape(count * m, k)  # (B, m, k) -> (B*m, k); b shared and a shared means B = 1
-        db = gemm(a_rows, dy_rows, trans_a=True).reshape(b.shape)  # (3)  (k, B*m) @ (B*m, n)
-    else:
-        g_b = gemm_batched(a_v, dy_rows.reshape(count, m, n), trans_a=True)  # (3)  (B, k, m) @ (B, m, n)
-        db = unbroadcast(g_b.reshape(*batch, k, n), tuple(b.shape))  # (3)  sum over b's broadcast axes
-    return da.astype(a.dtype, copy=False), db.astype(b.dtype, copy=False)
-
-
-class LinearCache(NamedTuple):
-    x: cp.ndarray
-    w: cp.ndarray
-    b_dtype: Any  # the bias's dtype, None when there is no bias
+    if b_shape is not None:
+        a_v = _batch_view(a_t, batch, count)
+        if b_shared:  # b's gradient sums over every batch index, A^T DY in one GEMM
+            a_rows = a_v.reshape(count * m, k)  # (B, m, k) -> (B*m, k); b and a both shared means B = 1
+            db = gemm(a_rows, dy_rows, trans_a=True).reshape(b_shape)  # (3)  (k, B*m) @ (B*m, n)
+        else:
+            g_b = gemm_batched(a_v, dy_rows.reshape(count, m, n), trans_a=True)  # (3)  (B, k, m) @ (B, m, n)
+            db = unbroadcast(g_b.reshape(*batch, k, n), b_shape)  # (3)  sum over b's broadcast axes
+        db = db.astype(b_dtype, copy=False)
+    return da, db
 
 
 def linear_forward(
-    x: cp.ndarray, w: cp.ndarray, b: cp.ndarray | None = None
+    x: cp.ndarray, w: cp.ndarray, b: cp.ndarray | None = None, needs_input_grad=None
 ) -> tuple[cp.ndarray, LinearCache]:
-    """``x @ w.T + b`` for x (..., in), w (out, in), b (out,) or None (equation (4))."""
+    """``x @ w.T + b`` for x (..., in), w (out, in), b (out,) or None (equation (4)).
+
+    The cache keeps ``w`` only for ``dx`` (5) and ``x`` only for ``dw`` (6).
+    """
+    need_x, need_w, need_b = grad_flags("linear", needs_input_grad, 3)
     if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[1]:
         raise ShapeError(
             f"linear expects x of shape (..., in) and w of shape (out, in), "
@@ -144,18 +166,31 @@ def linear_forward(
             y += b  # (4)  (M, out) + (out,), in place on the fresh product
         else:
             y = y + b  # (4)  promoted as in the reference
-    return y.reshape(*x.shape[:-1], n_out), LinearCache(x, w, None if b is None else b.dtype)
+    cache = LinearCache(
+        x if need_w else None,
+        w if need_x else None,
+        x.dtype if need_x else None,
+        w.dtype if need_w else None,
+        b.dtype if b is not None and need_b else None,
+        (n_out, n_in),
+    )
+    return y.reshape(*x.shape[:-1], n_out), cache
 
 
 def linear_backward(dy: cp.ndarray, cache: LinearCache):
-    x, w, b_dtype = cache
-    n_out, n_in = w.shape
-    rows = math.prod(x.shape[:-1])
-    dtype = cp.result_type(dy, x, w)
+    x, w, x_dtype, w_dtype, b_dtype, (n_out, n_in) = cache
+    rows = math.prod(dy.shape[:-1])
+    dtype = cp.result_type(dy.dtype, *(v.dtype for v in (x, w) if v is not None))
     dy_rows = dy.astype(dtype, copy=False).reshape(rows, n_out)  # (..., out) -> (M, out)
-    x_rows = x.astype(dtype, copy=False).reshape(rows, n_in)  # (..., in) -> (M, in)
-    w_t = w.astype(dtype, copy=False)
-    dx = gemm(dy_rows, w_t).reshape(x.shape)  # (5)  (M, out) @ (out, in)
-    dw = gemm(dy_rows, x_rows, trans_a=True)  # (6)  (out, M) @ (M, in)
-    db = None if b_dtype is None else _sum(dy_rows, (0,), False).astype(b_dtype, copy=False)  # (7)
-    return dx.astype(x.dtype, copy=False), dw.astype(w.dtype, copy=False), db
+    dx = dw = db = None
+    if x_dtype is not None:
+        w_t = w.astype(dtype, copy=False)
+        dx = (
+            gemm(dy_rows, w_t).reshape(*dy.shape[:-1], n_in).astype(x_dtype, copy=False)
+        )  # (5)  (M, out) @ (out, in)
+    if w_dtype is not None:
+        x_rows = x.astype(dtype, copy=False).reshape(rows, n_in)  # (..., in) -> (M, in)
+        dw = gemm(dy_rows, x_rows, trans_a=True).astype(w_dtype, copy=False)  # (6)  (out, M) @ (M, in)
+    if b_dtype is not None:
+        db = _sum(dy_rows, (0,), False).astype(b_dtype, copy=False)  # (7)
+    return dx, dw, db

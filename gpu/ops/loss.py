@@ -6,10 +6,11 @@ The equations are the reference's, cited by number: (1) the row maximum, (2) the
 
 Forward (raw kernel ``loss_xent``, two functions, no host synchronisation):
 
-- ``loss_xent_rows``: one thread block per row of the (N, K) logits. Block reductions give the row
-  maximum (1) and ``sum_k exp(z_ik - m_i)`` (2), accumulated in double; the block then writes the
-  row's softmax probabilities ``p = exp(logp)`` (3) in the logits' dtype, and thread 0 writes the
-  row's loss ``-(1 - e) logp_{i, c_i} - (e / K) sum_k logp_ik`` (4), (5) in double.
+- ``loss_xent_rows``: one thread block per row of the (N, K) logits. Block reductions (the
+  shared ``block_reduce`` of :data:`gpu.kernels.BLOCK_REDUCE`) give the row maximum (1) and
+  ``sum_k exp(z_ik - m_i)`` (2), accumulated in double; the block then writes the row's softmax
+  probabilities ``p = exp(logp)`` (3) in the logits' dtype, and thread 0 writes the row's loss
+  ``-(1 - e) logp_{i, c_i} - (e / K) sum_k logp_ik`` (4), (5) in double.
 - ``loss_xent_mean``: one block sums the N row losses in double (a fixed-order tree, so the result
   is the same on every run) and writes ``sum / N`` in the logits' dtype (5), as the reference's
   float64 sum does.
@@ -30,12 +31,11 @@ The loss is a 0-d CuPy array of the logits' dtype; the labels get no gradient (N
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import cupy as cp
 import numpy as np
 
-from gpu.kernels import elementwise, raw
+from gpu.kernels import BLOCK_REDUCE, elementwise, raw
+from reference.caches import SoftmaxCrossEntropyCache, grad_flags
 from reference.contracts import cross_entropy_shapes
 from reference.errors import ShapeError
 
@@ -48,28 +48,13 @@ __device__ __forceinline__ double loss_xent_max(double a, double b) {
   return (a != a || b <= a) ? a : b;
 }
 
-// Reduce v over the whole block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
-__device__ double loss_xent_block_reduce(double v, bool take_max, double* buf /* 33 doubles */) {
-  const unsigned int lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
-  const unsigned int warps = (blockDim.x + 31u) >> 5;
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const double w = __shfl_down_sync(0xffffffffu, v, offset);
-    v = take_max ? loss_xent_max(v, w) : v + w;
-  }
-  if (lane == 0) buf[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < warps ? buf[lane] : (take_max ? -__longlong_as_double(0x7ff0000000000000LL) : 0.0);
-    for (int offset = 16; offset > 0; offset >>= 1) {
-      const double w = __shfl_down_sync(0xffffffffu, v, offset);
-      v = take_max ? loss_xent_max(v, w) : v + w;
-    }
-    if (lane == 0) buf[32] = v;
-  }
-  __syncthreads();
-  v = buf[32];
-  __syncthreads();  // buf is free for the next reduction
-  return v;
+struct LossXentMaxOp {
+  __device__ __forceinline__ double operator()(double a, double b) const { return loss_xent_max(a, b); }
+};
+
+// The NaN-propagating maximum of v over the block (block_reduce of gpu.kernels.BLOCK_REDUCE).
+__device__ __forceinline__ double loss_xent_block_max(double v, double* buf) {
+  return block_reduce(v, LossXentMaxOp(), -__longlong_as_double(0x7ff0000000000000LL), buf);
 }
 
 // One block per row i of z (N, K): probs[i, :] = softmax(z[i, :]) and rows[i] = the row's loss.
@@ -84,12 +69,12 @@ extern "C" __global__ void loss_xent_rows(const ${T}* __restrict__ z, const long
 
   double m = -__longlong_as_double(0x7ff0000000000000LL);  // (1)  m_i = max_k z_ik
   for (int j = threadIdx.x; j < k; j += blockDim.x) m = loss_xent_max(m, (double)zr[j]);
-  m = loss_xent_block_reduce(m, true, buf);
+  m = loss_xent_block_max(m, buf);
   const ${T} mt = (${T})m;  // exact: m is one of the row's values
 
   double s = 0.0;  // (2)  sum_k exp(z_ik - m_i)
   for (int j = threadIdx.x; j < k; j += blockDim.x) s += (double)exp(zr[j] - mt);
-  s = loss_xent_block_reduce(s, false, buf);
+  s = block_sum(s, buf);
   const ${T} log_norm = (${T})log(s);  // (2)  lse_i - m_i
 
   double sum_logp = 0.0;  // (3)  logp = (z - m) - (lse - m); p = exp(logp)
@@ -98,7 +83,7 @@ extern "C" __global__ void loss_xent_rows(const ${T}* __restrict__ z, const long
     pr[j] = exp(logp);
     sum_logp += (double)logp;
   }
-  if (e != 0.0) sum_logp = loss_xent_block_reduce(sum_logp, false, buf);  // e is uniform over the block
+  if (e != 0.0) sum_logp = block_sum(sum_logp, buf);  // e is uniform over the block
 
   if (threadIdx.x == 0) {
     const long long c = labels[row];
@@ -120,12 +105,12 @@ extern "C" __global__ void loss_xent_mean(const double* __restrict__ rows, ${T}*
   __shared__ double buf[33];
   double s = 0.0;
   for (long long i = threadIdx.x; i < n; i += blockDim.x) s += rows[i];
-  s = loss_xent_block_reduce(s, false, buf);
+  s = block_sum(s, buf);
   if (threadIdx.x == 0) loss[0] = (${T})(s / (double)n);  // (5)
 }
 """
 
-_xent = raw("loss_xent", _ROWS_SOURCE)
+_xent = raw("loss_xent", BLOCK_REDUCE + _ROWS_SOURCE)
 
 # Backward (6): dz = (p - e/K - (1 - e)[k == c_i]) * (dy / N), in the reference's order of operations.
 _xent_backward = elementwise(
@@ -147,16 +132,14 @@ def _row_threads(k: int) -> int:
     return min(256, 32 * ((k + 31) // 32))
 
 
-class SoftmaxCrossEntropyCache(NamedTuple):
-    probs: cp.ndarray  # p = exp(logp), (N, K), logits' dtype
-    labels: cp.ndarray  # (N,) int64
-    label_smoothing: float
-
-
 def softmax_cross_entropy_forward(
-    logits: cp.ndarray, labels: cp.ndarray, label_smoothing: float = 0.0
+    logits: cp.ndarray, labels: cp.ndarray, label_smoothing: float = 0.0, needs_input_grad=None
 ) -> tuple[cp.ndarray, SoftmaxCrossEntropyCache]:
-    """Mean softmax cross-entropy of (N, K) ``logits`` against (N,) integer ``labels`` (equation (5))."""
+    """Mean softmax cross-entropy of (N, K) ``logits`` against (N,) integer ``labels`` (equation (5)).
+
+    The cache holds ``p = exp(logp)`` (N, K) in the logits' dtype and the labels as (N,) int64.
+    """
+    grad_flags("softmax_cross_entropy", needs_input_grad, 2)
     labels = cp.asarray(labels)  # a host array is copied to the device; a device array is kept
     n, k = cross_entropy_shapes(logits, labels)
     # The label range is not checked (it would synchronise; see the module docstring), except that

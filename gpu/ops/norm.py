@@ -15,13 +15,15 @@ Training forward
     1. ``norm_stats_partial`` (raw): the ``n`` entries of each channel are cut
        into ``splits`` chunks; block (c, s) reduces chunk s of channel c to its
        mean and its sum of squared deviations from that mean, two passes over
-       the chunk (the second one from cache), accumulated in double. Splitting
+       the chunk (the second one from cache), accumulated in double and
+       reduced over the block by ``block_sum`` (:data:`gpu.kernels.BLOCK_REDUCE`). Splitting
        keeps every SM busy when C is small and N*H*W large (ResNet's stem).
     2. ``norm_stats_finalize`` (raw): one thread per channel merges the chunks
        with the exact pairwise update of Chan et al. (count, mean, M2) and
        writes the mean (1), the biased variance (2) and ``s`` (3), rounded to
        x's dtype.
-    3. ``norm_affine`` (elementwise): ``xhat`` (4) and ``y`` (5) in one pass.
+    3. ``norm_affine`` (elementwise): ``xhat`` (4) and ``y`` (5) in one pass;
+       ``norm_affine_y`` writes ``y`` alone when the cache keeps no ``xhat``.
 
 Evaluation forward: ``norm_eval_stats`` casts the running statistics and forms
 ``s`` (3) in double, then ``norm_affine`` as above.
@@ -29,28 +31,34 @@ Evaluation forward: ``norm_eval_stats`` casts the running statistics and forms
 Backward
     1. ``norm_sums_partial`` / ``norm_sums_finalize`` (raw): per channel
        ``dbeta = sum dy`` (6) and ``dgamma = sum dy xhat`` (7) in double, the
-       same chunked layout, plus their means ``/ n`` rounded to x's dtype.
-    2. ``norm_backward_train`` (10) or ``norm_backward_eval`` (9), elementwise.
+       same chunked layout, plus their means ``/ n`` rounded to x's dtype;
+       only (6) when no ``xhat`` was kept. Skipped when no gradient reads them.
+    2. ``norm_backward_train`` (10) or ``norm_backward_eval`` (9), elementwise,
+       only when ``dx`` is wanted.
 
 dtype: as in the reference, every sum accumulates in float64 and the results
 are cast back, so float32 input gives float32 output, statistics and gradients.
 The raw kernels need C-contiguous (N, C, ...) arrays; a non-contiguous ``x`` or
 ``dy`` is copied once.
 
-The cache is the reference's ``BatchNormCache`` field for field (``mean`` and
-``var`` are (C,) device arrays that :func:`reference.functional.batch_norm`
-reads to move the running statistics).
+The cache is the reference's :class:`reference.caches.BatchNormCache`, filled
+by the same rules: ``xhat`` only when ``dgamma`` or the training ``dx`` reads
+it, a None dtype for every gradient nobody wants (``needs_input_grad``), which
+is then neither computed nor returned (``mean`` and ``var`` are (C,) device
+arrays that :func:`reference.functional.batch_norm` reads to move the running
+statistics).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import cupy
 import numpy as np
 
-from gpu.kernels import elementwise, raw
+from gpu.kernels import BLOCK_REDUCE, elementwise, raw
+from reference.caches import BatchNormCache, grad_flags
 from reference.contracts import batch_norm_channels
 from reference.errors import ShapeError
 
@@ -81,20 +89,6 @@ struct NormCursor {
   }
 };
 
-// The sum of v over the block, returned to every thread (all threads must call it).
-__device__ double norm_block_sum(double v, double* buf) {
-  const unsigned int tid = threadIdx.x;
-  buf[tid] = v;
-  __syncthreads();
-  for (unsigned int half = NORM_THREADS / 2; half > 0; half >>= 1) {
-    if (tid < half) buf[tid] += buf[tid + half];
-    __syncthreads();
-  }
-  const double total = buf[0];
-  __syncthreads();  // buf is reused by the next call
-  return total;
-}
-
 // Chunk s = blockIdx.y of channel c = blockIdx.x covers entries [s * chunk, min((s + 1) * chunk, count)).
 __device__ void norm_chunk(long long chunk, long long count, long long* begin, long long* end) {
   *begin = (long long)blockIdx.y * chunk;
@@ -107,7 +101,7 @@ __device__ void norm_chunk(long long chunk, long long count, long long* begin, l
 extern "C" __global__ void norm_stats_partial(
     const ${T}* x, double* part_mean, double* part_m2,
     long long channels, long long inner, long long count, long long chunk) {
-  __shared__ double buf[NORM_THREADS];
+  __shared__ double buf[33];  // for block_sum (gpu.kernels.BLOCK_REDUCE)
   const long long c = blockIdx.x;
   long long begin, end;
   norm_chunk(chunk, count, &begin, &end);
@@ -119,7 +113,7 @@ extern "C" __global__ void norm_stats_partial(
     acc += (double)x[cur.offset(channels, c)];
     cur.advance();
   }
-  const double total = norm_block_sum(acc, buf);
+  const double total = block_sum(acc, buf);
   const double mean = len > 0 ? total / (double)len : 0.0;  // the chunk's mean, cf. (1)
 
   double acc2 = 0.0;
@@ -129,7 +123,7 @@ extern "C" __global__ void norm_stats_partial(
     acc2 += d * d;
     cur2.advance();
   }
-  const double m2 = norm_block_sum(acc2, buf);  // the chunk's sum of squares, cf. (2)
+  const double m2 = block_sum(acc2, buf);  // the chunk's sum of squares, cf. (2)
   if (threadIdx.x == 0) {
     part_mean[c * gridDim.y + blockIdx.y] = mean;
     part_m2[c * gridDim.y + blockIdx.y] = m2;
@@ -162,11 +156,13 @@ extern "C" __global__ void norm_stats_finalize(
   inv_std[c] = (${T})(1.0 / sqrt(v + eps));  // (3)
 }
 
-// Backward, pass 1 of 2: each chunk's sums of dy (6) and dy xhat (7), in double.
+// Backward, pass 1 of 2: each chunk's sums of dy (6) and dy xhat (7), in double. Without xhat
+// (with_xhat = 0: no gradient reads (7), and xhat was not kept) only (6) is summed, and xhat is
+// never read (the caller passes dy in its place).
 extern "C" __global__ void norm_sums_partial(
     const ${T}* dy, const ${T}* xhat, double* part_dy, double* part_dyxhat,
-    long long channels, long long inner, long long count, long long chunk) {
-  __shared__ double buf[NORM_THREADS];
+    long long channels, long long inner, long long count, long long chunk, int with_xhat) {
+  __shared__ double buf[33];  // for block_sum (gpu.kernels.BLOCK_REDUCE)
   const long long c = blockIdx.x;
   long long begin, end;
   norm_chunk(chunk, count, &begin, &end);
@@ -176,12 +172,12 @@ extern "C" __global__ void norm_sums_partial(
   for (long long j = begin + threadIdx.x; j < end; j += NORM_THREADS) {
     const long long at = cur.offset(channels, c);
     const double g = (double)dy[at];
-    acc_dy += g;                          // (6)
-    acc_dyxhat += g * (double)xhat[at];   // (7)
+    acc_dy += g;                                         // (6)
+    if (with_xhat) acc_dyxhat += g * (double)xhat[at];   // (7)
     cur.advance();
   }
-  const double sum_dy = norm_block_sum(acc_dy, buf);
-  const double sum_dyxhat = norm_block_sum(acc_dyxhat, buf);
+  const double sum_dy = block_sum(acc_dy, buf);
+  const double sum_dyxhat = block_sum(acc_dyxhat, buf);
   if (threadIdx.x == 0) {
     part_dy[c * gridDim.y + blockIdx.y] = sum_dy;
     part_dyxhat[c * gridDim.y + blockIdx.y] = sum_dyxhat;
@@ -210,7 +206,7 @@ extern "C" __global__ void norm_sums_finalize(
 }
 """
 
-_channel_kernels = raw("norm_channel_reductions", _CHANNEL_SOURCE)
+_channel_kernels = raw("norm_channel_reductions", BLOCK_REDUCE + _CHANNEL_SOURCE)
 
 # (C,) running statistics -> mean, var and s (3) in x's dtype; s is formed in double as in the reference.
 _eval_stats = elementwise(
@@ -225,7 +221,7 @@ _eval_stats = elementwise(
 )
 
 # xhat (4) and y (5); mean, inv_std, gamma and beta are (1, C, 1, ...) views or scalars (gamma = 1,
-# beta = 0 when absent, which leaves y exactly as the reference's).
+# beta = 0 when absent, which leaves y exactly as the reference's). For a cache that keeps xhat.
 _affine = elementwise(
     "norm_affine",
     "T x, T mean, T inv_std, T gamma, T beta",
@@ -234,6 +230,18 @@ _affine = elementwise(
     const T centred = x - mean;
     const T normed = centred * inv_std;  // (4)
     xhat = normed;
+    y = normed * gamma + beta;           // (5)
+    """,
+)
+
+# y (5) alone, rounded as norm_affine rounds it: for a cache that keeps no xhat.
+_affine_y = elementwise(
+    "norm_affine_y",
+    "T x, T mean, T inv_std, T gamma, T beta",
+    "T y",
+    """
+    const T centred = x - mean;
+    const T normed = centred * inv_std;  // (4)
     y = normed * gamma + beta;           // (5)
     """,
 )
@@ -263,17 +271,6 @@ _backward_eval = elementwise(
 
 
 # ------------------------------------------------------------------------------------------- helpers
-class BatchNormCache(NamedTuple):
-    xhat: Any  # (4), x's shape and dtype
-    inv_std: Any  # s of (3), (C,)
-    gamma: Any | None  # (C,), None means gamma = 1 (no gradient)
-    beta_dtype: Any  # None means beta = 0 (no gradient)
-    mean: Any  # (C,): the batch mean (1) in training, running_mean in evaluation
-    var: Any  # (C,): the biased batch variance (2) in training, running_var in evaluation
-    training: bool
-    count: int  # n, the entries per channel
-
-
 def _per_channel(v: Any, ndim: int) -> Any:
     """A (C,) vector shaped to broadcast against x: (C,) -> (1, C, 1, ..., 1)."""
     return v.reshape((1, -1) + (1,) * (ndim - 2))
@@ -321,17 +318,20 @@ def _batch_statistics(x: Any, eps: float) -> tuple[Any, Any, Any]:
     return mean, var, inv_std
 
 
-def _channel_sums(dy: Any, xhat: Any) -> tuple[Any, ...]:
-    """Per channel (6) and (7): in float64, the same in x's dtype, and both divided by n in x's dtype."""
-    channels, inner, count = _layout(xhat)
-    dtype = xhat.dtype
+def _channel_sums(dy: Any, xhat: Any | None) -> tuple[Any, ...]:
+    """Per channel (6) and (7): in float64, the same in x's dtype, and both divided by n in x's dtype.
+
+    Without ``xhat`` only (6) is summed; the results of (7) are then zeros, and unused.
+    """
+    channels, inner, count = _layout(dy)
+    dtype = dy.dtype
     splits, chunk = _split(count)
     part_dy = cupy.empty((channels, splits), dtype=np.float64)
     part_dyxhat = cupy.empty((channels, splits), dtype=np.float64)
     _channel_kernels.launch(
         "norm_sums_partial", dtype, grid=(channels, splits), block=(_THREADS,),
-        args=(dy, xhat, part_dy, part_dyxhat, np.int64(channels), np.int64(inner), np.int64(count),
-              np.int64(chunk)),
+        args=(dy, dy if xhat is None else xhat, part_dy, part_dyxhat, np.int64(channels), np.int64(inner),
+              np.int64(count), np.int64(chunk), np.int32(xhat is not None)),
     )  # fmt: skip
     sum_dy = cupy.empty(channels, dtype=np.float64)
     sum_dyxhat = cupy.empty(channels, dtype=np.float64)
@@ -353,8 +353,14 @@ def batch_norm_forward(
     running_var: Any | None,
     training: bool,
     eps: float = 1e-5,
+    needs_input_grad=None,
 ) -> tuple[Any, BatchNormCache]:
-    """Batch norm of ``x`` (N, C, ...) per channel; ``running_*`` are read only in evaluation."""
+    """Batch norm of ``x`` (N, C, ...) per channel; ``running_*`` are read only in evaluation.
+
+    The cache keeps ``xhat`` (4) only when a gradient reads it: ``dgamma`` (7),
+    or ``dx`` in training (10); evaluation's ``dx`` (9) and ``dbeta`` (6) do not.
+    """
+    need_x, need_gamma, need_beta = grad_flags("batch_norm", needs_input_grad, 5)[:3]
     channels = batch_norm_channels(x, gamma, beta, running_mean, running_var, training)
 
     dtype = x.dtype
@@ -375,43 +381,60 @@ def batch_norm_forward(
         )  # (3)
 
     ndim = x.ndim
-    gamma_arg = _affine_arg(gamma, dtype, ndim, 1.0)
-    beta_arg = _affine_arg(beta, dtype, ndim, 0.0)
-    y, xhat = _affine(
-        x, _per_channel(mean, ndim), _per_channel(inv_std, ndim), gamma_arg, beta_arg
-    )  # (4), (5)
+    need_gamma = need_gamma and gamma is not None
+    keep_xhat = need_gamma or (need_x and training)
+    args = (x, _per_channel(mean, ndim), _per_channel(inv_std, ndim))
+    args += (_affine_arg(gamma, dtype, ndim, 1.0), _affine_arg(beta, dtype, ndim, 0.0))
+    if keep_xhat:
+        y, xhat = _affine(*args)  # (4), (5)
+    else:
+        y, xhat = _affine_y(*args), None  # (4), (5)
     cache = BatchNormCache(
-        xhat, inv_std, gamma, None if beta is None else beta.dtype, mean, var, bool(training), count
+        xhat,
+        inv_std,
+        gamma,
+        mean,
+        var,
+        bool(training),
+        count,
+        dtype if need_x else None,
+        gamma.dtype if need_gamma else None,
+        beta.dtype if beta is not None and need_beta else None,
+        ndim,
     )
     return y, cache
 
 
 def batch_norm_backward(dy: Any, cache: BatchNormCache):
-    xhat, inv_std, gamma, beta_dtype, _, _, training, count = cache
-    ndim, dtype = xhat.ndim, xhat.dtype
-    channels = xhat.shape[1]
+    xhat, inv_std, gamma, _, _, training, count, x_dtype, gamma_dtype, beta_dtype, ndim = cache
+    dtype = inv_std.dtype  # x's dtype
+    channels = inv_std.shape[0]
     dy = cupy.ascontiguousarray(dy.astype(dtype, copy=False))  # the raw kernels walk (N, C, inner)
-    gamma_arg = _affine_arg(gamma, dtype, ndim, 1.0)  # gamma of (8); 1 when absent
-    s_arg = _per_channel(inv_std, ndim)
 
+    # (10) reads dbeta and dgamma (xhat is kept then); (9) reads neither
+    need_sums = beta_dtype is not None or gamma_dtype is not None or (training and x_dtype is not None)
     sum_dy = sum_dyxhat = dbeta_t = dgamma_t = mean_dy = mean_dyxhat = None
-    if training or gamma is not None or beta_dtype is not None:  # the sums are needed
+    if need_sums:
         if count > 0:
             sum_dy, sum_dyxhat, dbeta_t, dgamma_t, mean_dy, mean_dyxhat = _channel_sums(dy, xhat)  # (6), (7)
         else:  # evaluation with N = 0: every sum is 0
             sum_dy, sum_dyxhat = (cupy.zeros(channels, dtype=np.float64) for _ in range(2))
             dbeta_t, dgamma_t = (cupy.zeros(channels, dtype=dtype) for _ in range(2))
 
-    if training:
-        dx = _backward_train(
-            dy, xhat, _per_channel(mean_dy, ndim), _per_channel(mean_dyxhat, ndim), gamma_arg, s_arg
-        )  # (10)
-    else:
-        dx = _backward_eval(dy, gamma_arg, s_arg)  # (9)
+    dx = None
+    if x_dtype is not None:
+        gamma_arg = _affine_arg(gamma, dtype, ndim, 1.0)  # gamma of (8); 1 when absent
+        s_arg = _per_channel(inv_std, ndim)
+        if training:
+            dx = _backward_train(
+                dy, xhat, _per_channel(mean_dy, ndim), _per_channel(mean_dyxhat, ndim), gamma_arg, s_arg
+            )  # (10)
+        else:
+            dx = _backward_eval(dy, gamma_arg, s_arg)  # (9)
 
     dgamma = dbeta = None
-    if gamma is not None:  # (7), in gamma's dtype (from the float64 sum when it is not x's)
-        dgamma = dgamma_t if gamma.dtype == dtype else sum_dyxhat.astype(gamma.dtype)
+    if gamma_dtype is not None:  # (7), in gamma's dtype (from the float64 sum when it is not x's)
+        dgamma = dgamma_t if gamma_dtype == dtype else sum_dyxhat.astype(gamma_dtype)
     if beta_dtype is not None:  # (6), in beta's dtype
         dbeta = dbeta_t if beta_dtype == dtype else sum_dy.astype(beta_dtype)
     return dx, dgamma, dbeta, None, None

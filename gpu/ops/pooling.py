@@ -8,7 +8,8 @@ zero padding counted in the divisor kh kw (``count_include_pad=True``), (6),
 (7) global average pooling. ``x`` is (N, C, H, W), windows (kh, kw) at strides
 (sh, sw) (the window size by default) with padding (ph, pw) <= half the window.
 
-Kernels (NCHW, flat 64-bit indices, one thread per element, grid-stride loops):
+Kernels (NCHW, flat 64-bit indices, one thread per element, grid-stride loops launched by
+:meth:`gpu.kernels.Kernel.launch_flat`):
 
 - ``pool_max``: ``pool_max_forward_{u8,i32}`` writes ``y`` and the tap index
   ``p* kw + q*`` (uint8 when kh kw <= 256, else int32) per output;
@@ -26,12 +27,13 @@ synchronises with the host.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import cupy as cp
 import numpy as np
 
 from gpu import kernels
+from reference.caches import AvgPoolCache, GlobalAvgPoolCache, MaxPoolCache, grad_flags
 from reference.contracts import PoolGeometry, pool_geometry
 
 __all__ = [
@@ -42,15 +44,6 @@ __all__ = [
     "global_avg_pool2d_forward",
     "global_avg_pool2d_backward",
 ]
-
-_BLOCK = 256
-_MAX_BLOCKS = 1 << 20  # grid-stride loops cover anything beyond 2^28 elements
-
-
-def _flat_launch(total: int) -> tuple[tuple[int], tuple[int]]:
-    """``(grid, block)`` for a grid-stride loop over ``total`` elements (``total`` > 0)."""
-    return (min((total + _BLOCK - 1) // _BLOCK, _MAX_BLOCKS),), (_BLOCK,)
-
 
 # --------------------------------------------------------------------------- kernels
 _MAX = kernels.raw(
@@ -243,28 +236,25 @@ def _scalars(geo: PoolGeometry) -> tuple:
 
 
 # --------------------------------------------------------------------------- max pooling
-class MaxPoolCache(NamedTuple):
-    geometry: PoolGeometry
-    argmax: Any  # (N, C, Ho, Wo): p* kw + q* of (2), uint8 when kh*kw <= 256, else int32
-
-
 def _index_suffix(geo: PoolGeometry) -> tuple[str, Any]:
     """The kernel suffix and dtype of the tap index: uint8 while every tap fits, else int32."""
     kh, kw = geo.kernel
     return ("u8", cp.uint8) if kh * kw <= 256 else ("i32", cp.int32)
 
 
-def max_pool2d_forward(x, kernel_size, stride=None, padding=0):
-    """Max over each window (1); ``stride`` None means the window size, padding is -inf."""
+def max_pool2d_forward(x, kernel_size, stride=None, padding=0, needs_input_grad=None):
+    """Max over each window (1); ``stride`` None means the window size, padding is -inf.
+
+    The cache's ``argmax`` (N, C, Ho, Wo) is uint8 when kh*kw <= 256, else int32.
+    """
+    grad_flags("max_pool2d", needs_input_grad, 1)
     geo = pool_geometry("max_pool2d", x, kernel_size, stride, padding)
     x = cp.ascontiguousarray(x)
     suffix, index_dtype = _index_suffix(geo)
     y = cp.empty((*x.shape[:2], *geo.out), dtype=x.dtype)
     argmax = cp.empty(y.shape, dtype=index_dtype)
-    if y.size:
-        grid, block = _flat_launch(y.size)
-        args = (x, y, argmax, *_scalars(geo), np.int64(y.size))
-        _MAX.launch(f"pool_max_forward_{suffix}", x.dtype, grid, block, args)  # (1), (2)
+    args = (x, y, argmax, *_scalars(geo), np.int64(y.size))
+    _MAX.launch_flat(f"pool_max_forward_{suffix}", x.dtype, y.size, args)  # (1), (2)
     return y, MaxPoolCache(geo, argmax)
 
 
@@ -274,27 +264,20 @@ def max_pool2d_backward(dy, cache: MaxPoolCache):
     dy = cp.ascontiguousarray(dy)
     suffix, _ = _index_suffix(geo)
     dx = cp.empty(geo.x_shape, dtype=dy.dtype)
-    if dx.size:
-        grid, block = _flat_launch(dx.size)
-        args = (dy, argmax, dx, *_scalars(geo), np.int64(dx.size))
-        _MAX.launch(f"pool_max_backward_{suffix}", dy.dtype, grid, block, args)  # (3)
+    args = (dy, argmax, dx, *_scalars(geo), np.int64(dx.size))
+    _MAX.launch_flat(f"pool_max_backward_{suffix}", dy.dtype, dx.size, args)  # (3)
     return (dx,)
 
 
 # --------------------------------------------------------------------------- average pooling
-class AvgPoolCache(NamedTuple):
-    geometry: PoolGeometry
-
-
-def avg_pool2d_forward(x, kernel_size, stride=None, padding=0):
+def avg_pool2d_forward(x, kernel_size, stride=None, padding=0, needs_input_grad=None):
     """Mean over each window (4); zero padding counts in the divisor kh*kw."""
+    grad_flags("avg_pool2d", needs_input_grad, 1)
     geo = pool_geometry("avg_pool2d", x, kernel_size, stride, padding)
     x = cp.ascontiguousarray(x)
     y = cp.empty((*x.shape[:2], *geo.out), dtype=x.dtype)
-    if y.size:
-        grid, block = _flat_launch(y.size)
-        args = (x, y, *_scalars(geo), np.int64(y.size))
-        _AVG.launch("pool_avg_forward", x.dtype, grid, block, args)  # (4)
+    args = (x, y, *_scalars(geo), np.int64(y.size))
+    _AVG.launch_flat("pool_avg_forward", x.dtype, y.size, args)  # (4)
     return y, AvgPoolCache(geo)
 
 
@@ -303,20 +286,15 @@ def avg_pool2d_backward(dy, cache: AvgPoolCache):
     geo = cache.geometry
     dy = cp.ascontiguousarray(dy)
     dx = cp.empty(geo.x_shape, dtype=dy.dtype)
-    if dx.size:
-        grid, block = _flat_launch(dx.size)
-        args = (dy, dx, *_scalars(geo), np.int64(dx.size))
-        _AVG.launch("pool_avg_backward", dy.dtype, grid, block, args)  # (5)
+    args = (dy, dx, *_scalars(geo), np.int64(dx.size))
+    _AVG.launch_flat("pool_avg_backward", dy.dtype, dx.size, args)  # (5)
     return (dx,)
 
 
 # ------------------------------------------------------------------- global average pooling
-class GlobalAvgPoolCache(NamedTuple):
-    x_shape: tuple[int, int, int, int]
-
-
-def global_avg_pool2d_forward(x):
+def global_avg_pool2d_forward(x, needs_input_grad=None):
     """(N, C, H, W) -> (N, C), the mean over H and W (6)."""
+    grad_flags("global_avg_pool2d", needs_input_grad, 1)
     if x.ndim != 4:
         raise ValueError(f"global_avg_pool2d expects x of shape (N, C, H, W), got {x.shape}")
     return x.mean(axis=(2, 3)), GlobalAvgPoolCache(tuple(x.shape))  # (6)

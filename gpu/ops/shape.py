@@ -10,18 +10,15 @@ by CuPy, exactly as NumPy does. No kernel of its own is needed.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import cupy as cp
+
+from reference.caches import ReshapeCache, grad_flags
 
 __all__ = ["reshape_forward", "reshape_backward"]
 
 
-class ReshapeCache(NamedTuple):
-    x_shape: tuple[int, ...]
-
-
-def reshape_forward(x: cp.ndarray, shape):
+def reshape_forward(x: cp.ndarray, shape, needs_input_grad=None):
+    grad_flags("reshape", needs_input_grad, 1)
     return x.reshape(shape), ReshapeCache(tuple(x.shape))
 
 

@@ -2,8 +2,19 @@
 
 Every op ``name`` is two functions::
 
-    name_forward(*inputs, **static) -> (y, cache)
+    name_forward(*inputs, **static, needs_input_grad=None) -> (y, cache)
     name_backward(dy, cache) -> (d<input0>, d<input1>, ...)   # None where no gradient
+
+``needs_input_grad`` is one bool per input, in input order (None, for a direct
+call, means every input that can have a gradient). The forward records in its
+cache only what the wanted gradients read, and the backward returns None for
+every other input without computing its gradient. (The engine records an op,
+and so calls its backward, only when at least one input wants a gradient.) The cache types, and the
+rules for what a cache may hold (no copy of an array the backward can rebuild
+cheaply, the op's own input or output object rather than a copy), are declared
+once in :mod:`reference.caches`, for this set and ``gpu.ops`` alike.
+``NEEDS_INPUT_GRAD = True`` below tells :func:`reference.autodiff.apply` that
+this set's forwards take the argument.
 
 ``gpu.ops`` exports the same names with the same signatures for CuPy arrays;
 :func:`kernels_for` picks the set from an array's type, and
@@ -39,6 +50,8 @@ from .norm import *  # noqa: F401,F403
 from .pooling import *  # noqa: F401,F403
 from .shape import *  # noqa: F401,F403
 from .sparsity import *  # noqa: F401,F403
+
+NEEDS_INPUT_GRAD = True  # every forward here takes needs_input_grad (see above)
 
 
 def op_names() -> list[str]:

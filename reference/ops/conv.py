@@ -80,19 +80,23 @@ Convolution is linear in ``x``, ``w`` and ``b``: there are no kinks.
 Dtypes: the output and every gradient have ``x``'s dtype; ``w`` and ``b`` must
 match it (a float32 network stays float32).
 
-Memory: the general path caches the columns ``X`` (kh kw times the size of the
-strided input) so the backward pass does not gather them again; the shift path
-caches ``xp`` only and gathers again, block by block (a block's gather costs
-much less than faulting in, or streaming through, a kh kw times larger array).
+Memory: every path caches ``x`` itself (the object it was given, which is
+usually also the previous ReLU's cached output, so the two share one buffer)
+and the weight, and nothing derived from them. The backward rebuilds what its
+path works on (the padded input, the columns ``X``, the channel-major or
+channels-last copies) from ``x``: one gather per backward, against a kh kw
+times larger array held from the forward to the backward. ``x`` is kept only
+when ``w`` needs a gradient (4), ``w`` only when ``x`` does (5); a gradient the
+caller does not need (``needs_input_grad``; the input image of the first layer)
+is not computed and is None.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from reference.caches import Conv2dCache, grad_flags
 from reference.contracts import conv2d_geometry
 
 __all__ = ["conv2d_forward", "conv2d_backward"]
@@ -125,57 +129,69 @@ def _offset(p: int, s: int, n: int) -> slice:
     return slice(p, p + s * (n - 1) + 1, s)
 
 
-class Conv2dCache(NamedTuple):
-    path: str  # "general", "shift", "pointwise", "depthwise" or "depthwise-cl"
-    # general: X (N, C, kh, kw, Ho, Wo); shift: xp as (C, N, Hp, Wp); pointwise: X (N, C, Ho*Wo);
-    # depthwise: xp; depthwise-cl: xp as (N, Hp, Wp, C)
-    saved: np.ndarray
-    w: np.ndarray
-    x_shape: tuple[int, int, int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    groups: int
-    has_bias: bool
+def _path(x_shape, w_shape, stride, padding, groups, out_hw) -> str:
+    """Which algorithm serves this geometry (the shape alone decides; see the module docstring)."""
+    n_out, c_in_group, kh, kw = w_shape
+    channels = x_shape[1]
+    padded_grid = (x_shape[2] + 2 * padding[0]) * (x_shape[3] + 2 * padding[1])
+    if kh == kw == 1 and groups == 1:
+        return "pointwise"
+    if groups == channels > 1 and c_in_group == 1:
+        return "depthwise-cl" if channels >= 4 * out_hw[1] else "depthwise"
+    if groups == 1 and stride == (1, 1) and padded_grid <= 1.6 * out_hw[0] * out_hw[1]:
+        return "shift"
+    return "general"
 
 
-def conv2d_forward(x, w, b=None, stride=1, padding=0, groups: int = 1):
+def conv2d_forward(x, w, b=None, stride=1, padding=0, groups: int = 1, needs_input_grad=None):
     """``y = conv2d(x, w) + b`` (1): x (N, C, H, W), w (O, C/groups, kh, kw), b (O,) or None.
 
     ``stride`` and ``padding`` are an int or an (h, w) pair; padding is zeros.
-    Returns ``y`` (N, O, Ho, Wo) in ``x``'s dtype and the cache for
-    :func:`conv2d_backward`.
+    ``needs_input_grad`` (three bools for x, w, b; None means all) says which
+    gradients the backward will be asked for. Returns ``y`` (N, O, Ho, Wo) in
+    ``x``'s dtype and the cache for :func:`conv2d_backward`.
     """
+    need_x, need_w, need_b = grad_flags("conv2d", needs_input_grad, 3)
     stride, padding, out_hw = conv2d_geometry(x, w, b, stride, padding, groups)
-    n_out, c_in_group, kh, kw = w.shape
-    padded_grid = (x.shape[2] + 2 * padding[0]) * (x.shape[3] + 2 * padding[1])
-    if kh == kw == 1 and groups == 1:
-        y, cache = _forward_pointwise(x, w, stride, padding, out_hw)
-    elif groups == x.shape[1] > 1 and c_in_group == 1 and x.shape[1] >= 4 * out_hw[1]:
-        y, cache = _forward_depthwise_cl(x, w, stride, padding, out_hw)
-    elif groups == x.shape[1] > 1 and c_in_group == 1:
-        y, cache = _forward_depthwise(x, w, stride, padding, out_hw)
-    elif groups == 1 and stride == (1, 1) and padded_grid <= 1.6 * out_hw[0] * out_hw[1]:
-        y, cache = _forward_shift(x, w, padding, out_hw)
+    path = _path(x.shape, w.shape, stride, padding, groups, out_hw)
+    if path == "pointwise":
+        y = _forward_pointwise(x, w, stride, padding, out_hw)
+    elif path == "depthwise-cl":
+        y = _forward_depthwise_cl(x, w, stride, padding, out_hw)
+    elif path == "depthwise":
+        y = _forward_depthwise(x, w, stride, padding, out_hw)
+    elif path == "shift":
+        y = _forward_shift(x, w, padding, out_hw)
     else:
-        y, cache = _forward_general(x, w, stride, padding, groups, out_hw)
+        y = _forward_general(x, w, stride, padding, groups, out_hw)
     if b is not None:
-        y += b.reshape(1, n_out, 1, 1)  # (1)
-    return y, cache._replace(has_bias=b is not None)
+        y += b.reshape(1, w.shape[0], 1, 1)  # (1)
+    cache = Conv2dCache(
+        path,
+        x if need_w else None,  # (4) reads x
+        w if need_x else None,  # (5) reads w
+        tuple(x.shape),
+        tuple(w.shape),
+        stride,
+        padding,
+        groups,
+        (need_x, need_w, need_b and b is not None),
+    )
+    return y, cache
 
 
 def conv2d_backward(dy, cache: Conv2dCache):
-    """``(dx, dw, db)`` for :func:`conv2d_forward`; ``db`` is None when there was no bias."""
-    db = dy.sum(axis=(0, 2, 3)) if cache.has_bias else None  # (3)
-    if cache.path == "pointwise":
-        dx, dw = _backward_pointwise(dy, cache)
-    elif cache.path == "depthwise":
-        dx, dw = _backward_depthwise(dy, cache)
-    elif cache.path == "depthwise-cl":
-        dx, dw = _backward_depthwise_cl(dy, cache)
-    elif cache.path == "shift":
-        dx, dw = _backward_shift(dy, cache)
-    else:
-        dx, dw = _backward_general(dy, cache)
+    """``(dx, dw, db)`` for :func:`conv2d_forward`; each None where it was not wanted (or no bias)."""
+    need_x, need_w, need_b = cache.needs
+    db = dy.sum(axis=(0, 2, 3)) if need_b else None  # (3)
+    backward = {
+        "pointwise": _backward_pointwise,
+        "depthwise": _backward_depthwise,
+        "depthwise-cl": _backward_depthwise_cl,
+        "shift": _backward_shift,
+        "general": _backward_general,
+    }[cache.path]
+    dx, dw = backward(dy, cache)
     return dx, dw, db
 
 
@@ -191,27 +207,31 @@ def _forward_general(x, w, stride, padding, groups, out_hw):
     w_g = w.reshape(groups, n_out // groups, -1)
     y = np.matmul(w_g, cols_g)  # (2)
     # (N, G, Og, Ho*Wo) -> (N, O, Ho, Wo)
-    y = y.reshape(n, n_out, ho, wo)
-    return y, Conv2dCache("general", cols, w, tuple(x.shape), stride, padding, groups, False)
+    return y.reshape(n, n_out, ho, wo)
 
 
 def _backward_general(dy, cache: Conv2dCache):
-    n = cache.x_shape[0]
-    w, groups = cache.w, cache.groups
-    n_out, _, kh, kw = w.shape
+    need_x, need_w, _ = cache.needs
+    n, groups = cache.x_shape[0], cache.groups
+    n_out, _, kh, kw = cache.w_shape
     (sh, sw), (ph, pw) = cache.stride, cache.padding
     ho, wo = dy.shape[2:]
     # (N, O, Ho, Wo) -> (N, G, Og, Ho*Wo)
     dy_g = dy.reshape(n, groups, n_out // groups, ho * wo)
-    # (N, C, kh, kw, Ho, Wo) -> (N, G, Cg*kh*kw, Ho*Wo) -> transposed (N, G, Ho*Wo, Cg*kh*kw)
-    cols_t = cache.saved.reshape(n, groups, -1, ho * wo).swapaxes(-1, -2)
-    dw = np.matmul(dy_g, cols_t).sum(axis=0)  # (4)
-    # (G, Og, Cg*kh*kw) -> (O, Cg, kh, kw)
-    dw = dw.reshape(w.shape)
-    if sh == sw == 1 and ph <= kh - 1 and pw <= kw - 1:
-        dx = _dx_transposed(dy, w, groups, (ph, pw))
-    else:
-        dx = _dx_col2im(dy_g, w, cache)
+    dx = dw = None
+    if need_w:
+        cols = _im2col(_pad(cache.x, ph, pw), kh, kw, sh, sw)  # (2), gathered again from x
+        # (N, C, kh, kw, Ho, Wo) -> (N, G, Cg*kh*kw, Ho*Wo) -> transposed (N, G, Ho*Wo, Cg*kh*kw)
+        cols_t = cols.reshape(n, groups, -1, ho * wo).swapaxes(-1, -2)
+        dw = np.matmul(dy_g, cols_t).sum(axis=0)  # (4)
+        del cols, cols_t
+        # (G, Og, Cg*kh*kw) -> (O, Cg, kh, kw)
+        dw = dw.reshape(cache.w_shape)
+    if need_x:
+        if sh == sw == 1 and ph <= kh - 1 and pw <= kw - 1:
+            dx = _dx_transposed(dy, cache.w, groups, (ph, pw))
+        else:
+            dx = _dx_col2im(dy_g, cache.w, cache, (ho, wo))
     return dx, dw
 
 
@@ -232,13 +252,13 @@ def _dx_transposed(dy, w, groups, padding):
     return dx.reshape(n, groups * c_in_group, h, wd)
 
 
-def _dx_col2im(dy_g, w, cache: Conv2dCache):
+def _dx_col2im(dy_g, w, cache: Conv2dCache, out_hw):
     """``dx`` by (5): ``dX = W^T dY``, then a scatter-add over the kernel offsets."""
     n, c, h, wd = cache.x_shape
     groups = cache.groups
     n_out, _, kh, kw = w.shape
     (sh, sw), (ph, pw) = cache.stride, cache.padding
-    ho, wo = cache.saved.shape[-2:]
+    ho, wo = out_hw
     # (O, Cg, kh, kw) -> (G, Og, Cg*kh*kw) -> transposed (G, Cg*kh*kw, Og)
     w_t = w.reshape(groups, n_out // groups, -1).swapaxes(-1, -2)
     d_cols = np.matmul(w_t, dy_g)  # (5)
@@ -295,75 +315,100 @@ def _forward_shift(x, w, padding, out_hw):
         # (C, kh*kw, width) -> (C*kh*kw, width)
         np.matmul(w_m, cols.reshape(-1, width), out=y[:, t0 : t0 + width])  # (9)
     # (O, T) -> (O, N, Hp, Wp) -> cropped (O, N, Ho, Wo) -> (N, O, Ho, Wo)
-    y = np.ascontiguousarray(y.reshape(n_out, n, hp, wp)[:, :, :ho, :wo].transpose(1, 0, 2, 3))
-    return y, Conv2dCache("shift", xc, w, tuple(x.shape), (1, 1), padding, 1, False)
+    return np.ascontiguousarray(y.reshape(n_out, n, hp, wp)[:, :, :ho, :wo].transpose(1, 0, 2, 3))
 
 
 def _backward_shift(dy, cache: Conv2dCache):
+    need_x, need_w, _ = cache.needs
     n, c, h, wd = cache.x_shape
-    xc, w = cache.saved, cache.w
-    n_out, _, kh, kw = w.shape
+    n_out, _, kh, kw = cache.w_shape
     ph, pw = cache.padding
     ho, wo = dy.shape[2:]
-    hp, wp = xc.shape[2:]
-    # (C, N, Hp, Wp) -> (C, T)
-    xf = xc.reshape(c, -1)
+    hp, wp = h + 2 * ph, wd + 2 * pw
     offsets = [p * wp + q for p in range(kh) for q in range(kw)]
-    t_all, lead = xf.shape[1], offsets[-1]
+    t_all, lead = n * hp * wp, offsets[-1]
     span = t_all - lead
     # dyf of (10): dy on the padded grid, zero at the cropped positions, after ``lead`` zeros
     # so that (11) can read it at t - s_pq >= -lead: (O, lead + T)
     dy_f = np.zeros((n_out, lead + t_all), dtype=dy.dtype)
     # (N, O, Ho, Wo) -> (O, N, Ho, Wo), into (O, N, Hp, Wp)[:, :, :Ho, :Wo]
     dy_f[:, lead:].reshape(n_out, n, hp, wp)[:, :, :ho, :wo] = dy.transpose(1, 0, 2, 3)
-    # (O, C, kh, kw) -> (O, C*kh*kw)
-    dw = np.zeros((n_out, c * kh * kw), dtype=dy.dtype)
     buffer = np.empty(max(c, n_out) * len(offsets) * _CHUNK_COLUMNS, dtype=dy.dtype)
-    for t0 in range(0, span, _CHUNK_COLUMNS):
-        width = min(_CHUNK_COLUMNS, span - t0)
-        cols = _flat_columns(xf, offsets, t0, width, buffer)
-        # (O, width) times (C, kh*kw, width) -> (C*kh*kw, width) transposed
-        dw += dy_f[:, lead + t0 : lead + t0 + width] @ cols.reshape(-1, width).T  # (10)
+    dx = dw = None
+    if need_w:
+        # (C, N, Hp, Wp) -> (C, T): xf of (9), rebuilt from x
+        xf = _channel_major(cache.x, ph, pw).reshape(c, -1)
+        # (O, C, kh, kw) -> (O, C*kh*kw)
+        dw = np.zeros((n_out, c * kh * kw), dtype=dy.dtype)
+        for t0 in range(0, span, _CHUNK_COLUMNS):
+            width = min(_CHUNK_COLUMNS, span - t0)
+            cols = _flat_columns(xf, offsets, t0, width, buffer)
+            # (O, width) times (C, kh*kw, width) -> (C*kh*kw, width) transposed
+            dw += dy_f[:, lead + t0 : lead + t0 + width] @ cols.reshape(-1, width).T  # (10)
+        del xf
+        # (O, C*kh*kw) -> (O, C, kh, kw)
+        dw = dw.reshape(cache.w_shape)
+    if need_x:
+        dx = _dx_shift(dy_f, cache.w, cache.x_shape, (ph, pw), offsets, buffer)
+    return dx, dw
+
+
+def _dx_shift(dy_f, w, x_shape, padding, offsets, buffer):
+    """``dx`` by (11): the flipped weight against ``dy_f`` read at ``t - s_pq``."""
+    n, c, h, wd = x_shape
+    ph, pw = padding
+    hp, wp = h + 2 * ph, wd + 2 * pw
+    t_all = n * hp * wp
     # (O, C, kh, kw) -> (C, O, kh, kw), flipped in space: (C, O*kh*kw)
     w_t = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(c, -1)
-    dx = np.empty((c, t_all), dtype=dy.dtype)  # dxf of (11) at every t of the padded grid
+    dx = np.empty((c, t_all), dtype=dy_f.dtype)  # dxf of (11) at every t of the padded grid
     for t0 in range(0, t_all, _CHUNK_COLUMNS):
         width = min(_CHUNK_COLUMNS, t_all - t0)
         # offset k = (p, q) reads dy_f at t + s_pq - lead = t - s_(kh-1-p)(kw-1-q): the flipped tap
         cols = _flat_columns(dy_f, offsets, t0, width, buffer)  # (11)
         # (O, kh*kw, width) -> (O*kh*kw, width)
         np.matmul(w_t, cols.reshape(-1, width), out=dx[:, t0 : t0 + width])  # (11)
-    # (O, C*kh*kw) -> (O, C, kh, kw)
-    dw = dw.reshape(w.shape)
     # (C, T) -> (C, N, Hp, Wp) -> (C, N, H, W) -> (N, C, H, W)
     dx = dx.reshape(c, n, hp, wp)[:, :, ph : ph + h, pw : pw + wd]  # (11)
-    return np.ascontiguousarray(dx.transpose(1, 0, 2, 3)), dw
+    return np.ascontiguousarray(dx.transpose(1, 0, 2, 3))
 
 
 # -------------------------------------------------------------- pointwise path
 def _forward_pointwise(x, w, stride, padding, out_hw):
     n, c = x.shape[:2]
     n_out = w.shape[0]
-    (sh, sw), (ph, pw), (ho, wo) = stride, padding, out_hw
-    # (N, C, Hp, Wp) -> (N, C, Ho, Wo) -> (N, C, Ho*Wo); copies only when strided or padded
-    cols = _pad(x, ph, pw)[:, :, ::sh, ::sw].reshape(n, c, ho * wo)
+    ho, wo = out_hw
+    cols = _pointwise_columns(x, stride, padding, ho, wo)  # (2)
     # (O, C, 1, 1) -> (O, C)
     y = np.matmul(w.reshape(n_out, c), cols)  # (2)
     # (N, O, Ho*Wo) -> (N, O, Ho, Wo)
-    y = y.reshape(n, n_out, ho, wo)
-    return y, Conv2dCache("pointwise", cols, w, tuple(x.shape), stride, padding, 1, False)
+    return y.reshape(n, n_out, ho, wo)
+
+
+def _pointwise_columns(x, stride, padding, ho, wo):
+    """X of (2) for a 1x1 kernel: (N, C, H, W) -> (N, C, Ho*Wo); a copy only when strided or padded."""
+    (sh, sw), (ph, pw) = stride, padding
+    n, c = x.shape[:2]
+    # (N, C, Hp, Wp) -> (N, C, Ho, Wo) -> (N, C, Ho*Wo)
+    return _pad(x, ph, pw)[:, :, ::sh, ::sw].reshape(n, c, ho * wo)
 
 
 def _backward_pointwise(dy, cache: Conv2dCache):
+    need_x, need_w, _ = cache.needs
     n, c, h, wd = cache.x_shape
     (sh, sw), (ph, pw) = cache.stride, cache.padding
     n_out, ho, wo = dy.shape[1:]
     # (N, O, Ho, Wo) -> (N, O, Ho*Wo)
     dy_m = dy.reshape(n, n_out, ho * wo)
-    # (N, C, Ho*Wo) -> transposed (N, Ho*Wo, C)
-    dw = np.matmul(dy_m, cache.saved.swapaxes(1, 2)).sum(axis=0)  # (4)
-    # (O, C) -> (O, C, 1, 1)
-    dw = dw.reshape(cache.w.shape)
+    dw = None
+    if need_w:
+        cols = _pointwise_columns(cache.x, cache.stride, cache.padding, ho, wo)
+        # (N, C, Ho*Wo) -> transposed (N, Ho*Wo, C)
+        dw = np.matmul(dy_m, cols.swapaxes(1, 2)).sum(axis=0)  # (4)
+        # (O, C) -> (O, C, 1, 1)
+        dw = dw.reshape(cache.w_shape)
+    if not need_x:
+        return None, dw
     # (O, C, 1, 1) -> (O, C) -> transposed (C, O)
     d_cols = np.matmul(cache.w.reshape(n_out, c).T, dy_m)  # (5)
     # (N, C, Ho*Wo) -> (N, C, Ho, Wo)
@@ -392,40 +437,45 @@ def _forward_depthwise(x, w, stride, padding, out_hw):
             np.multiply(x_pq[:, :, None], w_cm[:, :, p, q, None, None], out=term)  # (1)
             y += term  # (1)
     # (N, C, m, Ho, Wo) -> (N, O, Ho, Wo)
-    y = y.reshape(n, n_out, ho, wo)
-    return y, Conv2dCache("depthwise", xp, w, tuple(x.shape), stride, padding, c, False)
+    return y.reshape(n, n_out, ho, wo)
 
 
 def _backward_depthwise(dy, cache: Conv2dCache):
+    need_x, need_w, _ = cache.needs
     n, c, h, wd = cache.x_shape
-    xp, w = cache.saved, cache.w
-    n_out, _, kh, kw = w.shape
+    n_out, _, kh, kw = cache.w_shape
     (sh, sw), (ph, pw) = cache.stride, cache.padding
     ho, wo = dy.shape[2:]
     # (N, O, Ho, Wo) -> (N, C, m, Ho, Wo)
     dy_cm = dy.reshape(n, c, n_out // c, ho, wo)
-    # (O, 1, kh, kw) -> (C, m, kh, kw)
-    w_cm = w.reshape(c, n_out // c, kh, kw)
-    dw = np.empty((c, n_out // c, kh, kw), dtype=dy.dtype)
-    dxp = np.zeros(xp.shape, dtype=dy.dtype)
-    for p in range(kh):
-        for q in range(kw):
-            rows, columns = _offset(p, sh, ho), _offset(q, sw, wo)
-            dw[:, :, p, q] = np.einsum("ncmij,ncij->cm", dy_cm, xp[:, :, rows, columns])  # (7)
-            dxp[:, :, rows, columns] += np.einsum("ncmij,cm->ncij", dy_cm, w_cm[:, :, p, q])  # (8)
-    # (C, m, kh, kw) -> (O, 1, kh, kw)
-    dw = dw.reshape(w.shape)
-    return dxp[:, :, ph : ph + h, pw : pw + wd], dw  # (8)
+    dx = dw = None
+    if need_w:
+        xp = _pad(cache.x, ph, pw)  # rebuilt from x
+        dw = np.empty((c, n_out // c, kh, kw), dtype=dy.dtype)
+        for p in range(kh):
+            for q in range(kw):
+                x_pq = xp[:, :, _offset(p, sh, ho), _offset(q, sw, wo)]
+                dw[:, :, p, q] = np.einsum("ncmij,ncij->cm", dy_cm, x_pq)  # (7)
+        # (C, m, kh, kw) -> (O, 1, kh, kw)
+        dw = dw.reshape(cache.w_shape)
+    if need_x:
+        # (O, 1, kh, kw) -> (C, m, kh, kw)
+        w_cm = cache.w.reshape(c, n_out // c, kh, kw)
+        dxp = np.zeros((n, c, h + 2 * ph, wd + 2 * pw), dtype=dy.dtype)
+        for p in range(kh):
+            for q in range(kw):
+                rows, columns = _offset(p, sh, ho), _offset(q, sw, wo)
+                dxp[:, :, rows, columns] += np.einsum("ncmij,cm->ncij", dy_cm, w_cm[:, :, p, q])  # (8)
+        dx = dxp[:, :, ph : ph + h, pw : pw + wd]  # (8)
+    return dx, dw
 
 
 # ------------------------------------------------ depthwise path, channels-last
 def _forward_depthwise_cl(x, w, stride, padding, out_hw):
-    n, c, h, wd = x.shape
+    n, c = x.shape[:2]
     n_out, _, kh, kw = w.shape
-    (sh, sw), (ph, pw), (ho, wo) = stride, padding, out_hw
-    # (N, C, H, W) -> xp channels-last (N, Hp, Wp, C), zero-bordered, in one copy
-    xl = np.zeros((n, h + 2 * ph, wd + 2 * pw, c), dtype=x.dtype)
-    xl[:, ph : ph + h, pw : pw + wd] = x.transpose(0, 2, 3, 1)
+    (sh, sw), (ho, wo) = stride, out_hw
+    xl = _channels_last(x, *padding)
     # (O, 1, kh, kw) -> (C, m, kh, kw)
     w_cm = w.reshape(c, n_out // c, kh, kw)
     y = np.zeros((n, ho, wo, c, n_out // c), dtype=x.dtype)
@@ -437,29 +487,45 @@ def _forward_depthwise_cl(x, w, stride, padding, out_hw):
             np.multiply(x_pq[..., None], w_cm[:, :, p, q], out=term)  # (1)
             y += term  # (1)
     # (N, Ho, Wo, C, m) -> (N, C, m, Ho, Wo) -> (N, O, Ho, Wo)
-    y = np.ascontiguousarray(y.transpose(0, 3, 4, 1, 2)).reshape(n, n_out, ho, wo)
-    return y, Conv2dCache("depthwise-cl", xl, w, tuple(x.shape), stride, padding, c, False)
+    return np.ascontiguousarray(y.transpose(0, 3, 4, 1, 2)).reshape(n, n_out, ho, wo)
+
+
+def _channels_last(x, ph, pw):
+    """``x`` (N, C, H, W) -> ``xp`` channels-last (N, H + 2 ph, W + 2 pw, C), zero-bordered, in one copy."""
+    n, c, h, wd = x.shape
+    xl = np.zeros((n, h + 2 * ph, wd + 2 * pw, c), dtype=x.dtype)
+    # (N, C, H, W) -> (N, H, W, C), written into the interior
+    xl[:, ph : ph + h, pw : pw + wd] = x.transpose(0, 2, 3, 1)
+    return xl
 
 
 def _backward_depthwise_cl(dy, cache: Conv2dCache):
+    need_x, need_w, _ = cache.needs
     n, c, h, wd = cache.x_shape
-    xl, w = cache.saved, cache.w
-    n_out, _, kh, kw = w.shape
+    n_out, _, kh, kw = cache.w_shape
     (sh, sw), (ph, pw) = cache.stride, cache.padding
     ho, wo = dy.shape[2:]
     # (N, O, Ho, Wo) -> (N, C, m, Ho, Wo) -> (N, Ho, Wo, C, m)
     dy_l = np.ascontiguousarray(dy.reshape(n, c, n_out // c, ho, wo).transpose(0, 3, 4, 1, 2))
-    # (O, 1, kh, kw) -> (C, m, kh, kw)
-    w_cm = w.reshape(c, n_out // c, kh, kw)
-    dw = np.empty((c, n_out // c, kh, kw), dtype=dy.dtype)
-    dxl = np.zeros(xl.shape, dtype=dy.dtype)
-    for p in range(kh):
-        for q in range(kw):
-            rows, columns = _offset(p, sh, ho), _offset(q, sw, wo)
-            dw[:, :, p, q] = np.einsum("nijcm,nijc->cm", dy_l, xl[:, rows, columns])  # (7)
-            dxl[:, rows, columns] += np.einsum("nijcm,cm->nijc", dy_l, w_cm[:, :, p, q])  # (8)
-    # (C, m, kh, kw) -> (O, 1, kh, kw)
-    dw = dw.reshape(w.shape)
-    # (N, Hp, Wp, C) -> (N, H, W, C) -> (N, C, H, W)
-    dx = np.ascontiguousarray(dxl[:, ph : ph + h, pw : pw + wd].transpose(0, 3, 1, 2))  # (8)
+    dx = dw = None
+    if need_w:
+        xl = _channels_last(cache.x, ph, pw)  # rebuilt from x
+        dw = np.empty((c, n_out // c, kh, kw), dtype=dy.dtype)
+        for p in range(kh):
+            for q in range(kw):
+                x_pq = xl[:, _offset(p, sh, ho), _offset(q, sw, wo)]
+                dw[:, :, p, q] = np.einsum("nijcm,nijc->cm", dy_l, x_pq)  # (7)
+        del xl
+        # (C, m, kh, kw) -> (O, 1, kh, kw)
+        dw = dw.reshape(cache.w_shape)
+    if need_x:
+        # (O, 1, kh, kw) -> (C, m, kh, kw)
+        w_cm = cache.w.reshape(c, n_out // c, kh, kw)
+        dxl = np.zeros((n, h + 2 * ph, wd + 2 * pw, c), dtype=dy.dtype)
+        for p in range(kh):
+            for q in range(kw):
+                rows, columns = _offset(p, sh, ho), _offset(q, sw, wo)
+                dxl[:, rows, columns] += np.einsum("nijcm,cm->nijc", dy_l, w_cm[:, :, p, q])  # (8)
+        # (N, Hp, Wp, C) -> (N, H, W, C) -> (N, C, H, W)
+        dx = np.ascontiguousarray(dxl[:, ph : ph + h, pw : pw + wd].transpose(0, 3, 1, 2))  # (8)
     return dx, dw

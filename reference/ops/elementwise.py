@@ -28,14 +28,20 @@ Absolute value, with the subgradient at the kink fixed to ``sign(0) = 0``::
 
     y = |x|               dx = dy * sign(x)                                  (9)
 
-A Python scalar operand gets no gradient (its slot in the result is None).
+A Python scalar operand gets no gradient (its slot in the result is None),
+and neither does an input that the caller marked as needing none
+(``needs_input_grad``, see :mod:`reference.ops`); the caches keep only what
+the wanted gradients read (``mul`` keeps ``b`` for ``da`` and ``a`` for
+``db``; ReLU keeps its output, not a mask).
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
+
+from reference.caches import AbsCache, BinaryCache, ReduceCache, ReluCache, grad_flags
 
 __all__ = [
     "unbroadcast",
@@ -74,27 +80,28 @@ def unbroadcast(g: np.ndarray, shape: tuple[int, ...] | None) -> np.ndarray | No
     return g.sum(axis=axes, keepdims=True).reshape(shape)
 
 
-def _shape(x: Any) -> tuple[int, ...] | None:
-    return tuple(x.shape) if hasattr(x, "shape") else None
+def _shape(x: Any, needed: bool = True) -> tuple[int, ...] | None:
+    """``x``'s shape, or None when ``x`` gets no gradient (a Python scalar, or not needed)."""
+    return tuple(x.shape) if needed and hasattr(x, "shape") else None
 
 
-class BinaryCache(NamedTuple):
-    a: Any
-    b: Any
-    a_shape: tuple[int, ...] | None
-    b_shape: tuple[int, ...] | None
+def _binary_flags(op: str, needs_input_grad) -> tuple[bool, bool]:
+    need_a, need_b = grad_flags(op, needs_input_grad, 2)
+    return need_a, need_b
 
 
-def add_forward(a, b):
-    return a + b, BinaryCache(None, None, _shape(a), _shape(b))
+def add_forward(a, b, needs_input_grad=None):
+    need_a, need_b = _binary_flags("add", needs_input_grad)
+    return a + b, BinaryCache(None, None, _shape(a, need_a), _shape(b, need_b))
 
 
 def add_backward(dy, cache: BinaryCache):
     return unbroadcast(dy, cache.a_shape), unbroadcast(dy, cache.b_shape)  # (2)
 
 
-def sub_forward(a, b):
-    return a - b, BinaryCache(None, None, _shape(a), _shape(b))
+def sub_forward(a, b, needs_input_grad=None):
+    need_a, need_b = _binary_flags("sub", needs_input_grad)
+    return a - b, BinaryCache(None, None, _shape(a, need_a), _shape(b, need_b))
 
 
 def sub_backward(dy, cache: BinaryCache):
@@ -102,8 +109,12 @@ def sub_backward(dy, cache: BinaryCache):
     return unbroadcast(dy, cache.a_shape), db
 
 
-def mul_forward(a, b):
-    return a * b, BinaryCache(a, b, _shape(a), _shape(b))
+def mul_forward(a, b, needs_input_grad=None):
+    """``a * b``; the cache keeps ``b`` only for ``da`` and ``a`` only for ``db`` (4)."""
+    a_shape, b_shape = (_shape(v, need) for v, need in zip((a, b), _binary_flags("mul", needs_input_grad)))
+    keep_a = a if b_shape is not None else None
+    keep_b = b if a_shape is not None else None
+    return a * b, BinaryCache(keep_a, keep_b, a_shape, b_shape)
 
 
 def mul_backward(dy, cache: BinaryCache):
@@ -112,8 +123,12 @@ def mul_backward(dy, cache: BinaryCache):
     return da, db
 
 
-def div_forward(a, b):
-    return a / b, BinaryCache(a, b, _shape(a), _shape(b))
+def div_forward(a, b, needs_input_grad=None):
+    """``a / b``; ``da`` reads ``b``, ``db`` reads ``a`` and ``b`` (5)."""
+    a_shape, b_shape = (_shape(v, need) for v, need in zip((a, b), _binary_flags("div", needs_input_grad)))
+    keep_a = a if b_shape is not None else None
+    keep_b = b if a_shape is not None or b_shape is not None else None
+    return a / b, BinaryCache(keep_a, keep_b, a_shape, b_shape)
 
 
 def div_backward(dy, cache: BinaryCache):
@@ -124,24 +139,15 @@ def div_backward(dy, cache: BinaryCache):
     return da, db
 
 
-class ReluCache(NamedTuple):
-    positive: np.ndarray  # [x > 0], the subgradient 0 at x == 0
-
-
-def relu_forward(x):
-    positive = x > 0
-    return x * positive, ReluCache(positive)
+def relu_forward(x, needs_input_grad=None):
+    """``max(x, 0)`` (6); the cache is the output itself: ``[y > 0] = [x > 0]``."""
+    grad_flags("relu", needs_input_grad, 1)
+    y = x * (x > 0)  # (6)
+    return y, ReluCache(y)
 
 
 def relu_backward(dy, cache: ReluCache):
-    return (dy * cache.positive,)  # (6)
-
-
-class ReduceCache(NamedTuple):
-    x_shape: tuple[int, ...]
-    axis: tuple[int, ...]
-    keepdims: bool
-    count: int
+    return (dy * (cache.y > 0),)  # (6), 0 at the kink x == 0 (y == 0)
 
 
 def _reduce_cache(x, axis, keepdims) -> ReduceCache:
@@ -162,7 +168,8 @@ def _expand(dy, cache: ReduceCache):
     return dy
 
 
-def sum_forward(x, axis=None, keepdims: bool = False):
+def sum_forward(x, axis=None, keepdims: bool = False, needs_input_grad=None):
+    grad_flags("sum", needs_input_grad, 1)
     cache = _reduce_cache(x, axis, keepdims)
     return x.sum(axis=cache.axis, keepdims=keepdims), cache
 
@@ -172,7 +179,8 @@ def sum_backward(dy, cache: ReduceCache):
     return (np.broadcast_to(dy, cache.x_shape).copy(),)  # (7)
 
 
-def mean_forward(x, axis=None, keepdims: bool = False):
+def mean_forward(x, axis=None, keepdims: bool = False, needs_input_grad=None):
+    grad_flags("mean", needs_input_grad, 1)
     cache = _reduce_cache(x, axis, keepdims)
     return x.mean(axis=cache.axis, keepdims=keepdims), cache
 
@@ -182,13 +190,11 @@ def mean_backward(dy, cache: ReduceCache):
     return (np.broadcast_to(dy, cache.x_shape).copy(),)  # (8)
 
 
-class AbsCache(NamedTuple):
-    sign: np.ndarray  # sign(x), 0 at x == 0: the subgradient of (9)
-
-
-def abs_forward(x):
-    return np.abs(x), AbsCache(np.sign(x))
+def abs_forward(x, needs_input_grad=None):
+    """``|x|`` (9); the cache is ``x`` itself, ``sign(x)`` is recomputed in the backward."""
+    grad_flags("abs", needs_input_grad, 1)
+    return np.abs(x), AbsCache(x)
 
 
 def abs_backward(dy, cache: AbsCache):
-    return (dy * cache.sign,)  # (9)
+    return (dy * np.sign(cache.x),)  # (9)

@@ -26,15 +26,16 @@ the shared weight and bias, so their gradients sum over the rows::
     dw = DY^T @ X                                                           (6)
     db = sum_rows DY                                                        (7)
 
-``db`` is None when there is no bias.
+``db`` is None when there is no bias. A gradient that the caller does not
+need (``needs_input_grad``) is None and is not computed, and the cache keeps
+only the operands the wanted gradients read.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
 import numpy as np
 
+from reference.caches import LinearCache, MatmulCache, grad_flags
 from reference.errors import ShapeError
 
 from .elementwise import unbroadcast
@@ -47,13 +48,12 @@ def _swap_last(m: np.ndarray) -> np.ndarray:
     return np.swapaxes(m, -1, -2)  # (..., p, q) -> (..., q, p)
 
 
-class MatmulCache(NamedTuple):
-    a: np.ndarray
-    b: np.ndarray
+def matmul_forward(a: np.ndarray, b: np.ndarray, needs_input_grad=None) -> tuple[np.ndarray, MatmulCache]:
+    """``a @ b`` for (..., m, k) and (..., k, n) with broadcast batch axes (equation (1)).
 
-
-def matmul_forward(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, MatmulCache]:
-    """``a @ b`` for (..., m, k) and (..., k, n) with broadcast batch axes (equation (1))."""
+    The cache keeps ``b`` only for ``da`` (2) and ``a`` only for ``db`` (3).
+    """
+    need_a, need_b = grad_flags("matmul", needs_input_grad, 2)
     if a.ndim < 2 or b.ndim < 2:
         raise ShapeError(
             f"matmul expects a of shape (..., m, k) and b of shape (..., k, n), "
@@ -64,26 +64,35 @@ def matmul_forward(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, MatmulCach
             f"matmul: inner sizes differ, a is {tuple(a.shape)} (k={a.shape[-1]}) "
             f"and b is {tuple(b.shape)} (k={b.shape[-2]})"
         )
-    return np.matmul(a, b), MatmulCache(a, b)
+    cache = MatmulCache(
+        a if need_b else None,
+        b if need_a else None,
+        tuple(a.shape) if need_a else None,
+        tuple(b.shape) if need_b else None,
+        a.dtype,
+        b.dtype,
+    )
+    return np.matmul(a, b), cache
 
 
-def matmul_backward(dy: np.ndarray, cache: MatmulCache) -> tuple[np.ndarray, np.ndarray]:
-    a, b = cache
-    da = unbroadcast(np.matmul(dy, _swap_last(b)), tuple(a.shape))  # (2)
-    db = unbroadcast(np.matmul(_swap_last(a), dy), tuple(b.shape))  # (3)
-    return da.astype(a.dtype, copy=False), db.astype(b.dtype, copy=False)
-
-
-class LinearCache(NamedTuple):
-    x: np.ndarray
-    w: np.ndarray
-    b_dtype: Any  # the bias's dtype, None when there is no bias
+def matmul_backward(dy: np.ndarray, cache: MatmulCache):
+    a, b, a_shape, b_shape, a_dtype, b_dtype = cache
+    da = db = None
+    if a_shape is not None:
+        da = unbroadcast(np.matmul(dy, _swap_last(b)), a_shape).astype(a_dtype, copy=False)  # (2)
+    if b_shape is not None:
+        db = unbroadcast(np.matmul(_swap_last(a), dy), b_shape).astype(b_dtype, copy=False)  # (3)
+    return da, db
 
 
 def linear_forward(
-    x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None
+    x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, needs_input_grad=None
 ) -> tuple[np.ndarray, LinearCache]:
-    """``x @ w.T + b`` for x (..., in), w (out, in), b (out,) or None (equation (4))."""
+    """``x @ w.T + b`` for x (..., in), w (out, in), b (out,) or None (equation (4)).
+
+    The cache keeps ``w`` only for ``dx`` (5) and ``x`` only for ``dw`` (6).
+    """
+    need_x, need_w, need_b = grad_flags("linear", needs_input_grad, 3)
     if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[1]:
         raise ShapeError(
             f"linear expects x of shape (..., in) and w of shape (out, in), "
@@ -94,15 +103,26 @@ def linear_forward(
     y = np.matmul(x, w.T)  # w: (out, in) -> (in, out)
     if b is not None:
         y = y + b
-    return y, LinearCache(x, w, None if b is None else b.dtype)
+    cache = LinearCache(
+        x if need_w else None,
+        w if need_x else None,
+        x.dtype if need_x else None,
+        w.dtype if need_w else None,
+        b.dtype if b is not None and need_b else None,
+        tuple(w.shape),
+    )
+    return y, cache
 
 
 def linear_backward(dy: np.ndarray, cache: LinearCache):
-    x, w, b_dtype = cache
-    n_out, n_in = w.shape
+    x, w, x_dtype, w_dtype, b_dtype, (n_out, n_in) = cache
     dy_rows = dy.reshape(-1, n_out)  # (..., out) -> (M, out)
-    x_rows = x.reshape(-1, n_in)  # (..., in) -> (M, in)
-    dx = np.matmul(dy, w)  # (5)
-    dw = np.matmul(dy_rows.T, x_rows)  # (6)  dy_rows.T: (M, out) -> (out, M)
-    db = None if b_dtype is None else dy_rows.sum(axis=0).astype(b_dtype, copy=False)  # (7)
-    return dx.astype(x.dtype, copy=False), dw.astype(w.dtype, copy=False), db
+    dx = dw = db = None
+    if x_dtype is not None:
+        dx = np.matmul(dy, w).astype(x_dtype, copy=False)  # (5)
+    if w_dtype is not None:
+        x_rows = x.reshape(-1, n_in)  # (..., in) -> (M, in)
+        dw = np.matmul(dy_rows.T, x_rows).astype(w_dtype, copy=False)  # (6)  dy_rows.T: (M, out) -> (out, M)
+    if b_dtype is not None:
+        db = dy_rows.sum(axis=0).astype(b_dtype, copy=False)  # (7)
+    return dx, dw, db

@@ -26,26 +26,20 @@ Each row of (6) sums to zero. The labels get no gradient (None).
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 
+from reference.caches import SoftmaxCrossEntropyCache, grad_flags
 from reference.contracts import cross_entropy_shapes
 from reference.errors import ShapeError
 
 __all__ = ["softmax_cross_entropy_forward", "softmax_cross_entropy_backward"]
 
 
-class SoftmaxCrossEntropyCache(NamedTuple):
-    probs: np.ndarray  # p = exp(logp), (N, K), logits' dtype
-    labels: np.ndarray  # (N,) integers
-    label_smoothing: float
-
-
 def softmax_cross_entropy_forward(
-    logits: np.ndarray, labels: np.ndarray, label_smoothing: float = 0.0
+    logits: np.ndarray, labels: np.ndarray, label_smoothing: float = 0.0, needs_input_grad=None
 ) -> tuple[np.ndarray, SoftmaxCrossEntropyCache]:
     """Mean softmax cross-entropy of (N, K) ``logits`` against (N,) integer ``labels`` (equation (5))."""
+    grad_flags("softmax_cross_entropy", needs_input_grad, 2)
     labels = np.asarray(labels)
     n, k = cross_entropy_shapes(logits, labels)
     if labels.min() < 0 or labels.max() >= k:

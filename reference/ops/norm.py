@@ -56,27 +56,15 @@ gradients.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
 import numpy as np
 
+from reference.caches import BatchNormCache, grad_flags
 from reference.contracts import batch_norm_channels
 from reference.errors import ShapeError
 
 __all__ = ["batch_norm_forward", "batch_norm_backward"]
 
 _ACC = np.float64  # accumulator dtype for the per-channel sums
-
-
-class BatchNormCache(NamedTuple):
-    xhat: np.ndarray  # (4), x's shape and dtype
-    inv_std: np.ndarray  # s of (3), (C,)
-    gamma: np.ndarray | None  # (C,), None means gamma = 1 (no gradient)
-    beta_dtype: Any  # None means beta = 0 (no gradient)
-    mean: np.ndarray  # (C,): the batch mean (1) in training, running_mean in evaluation
-    var: np.ndarray  # (C,): the biased batch variance (2) in training, running_var in evaluation
-    training: bool
-    count: int  # n, the entries per channel
 
 
 def _channel_axes(ndim: int) -> tuple[int, ...]:
@@ -110,8 +98,14 @@ def batch_norm_forward(
     running_var: np.ndarray | None,
     training: bool,
     eps: float = 1e-5,
+    needs_input_grad=None,
 ) -> tuple[np.ndarray, BatchNormCache]:
-    """Batch norm of ``x`` (N, C, ...) per channel; ``running_*`` are read only in evaluation."""
+    """Batch norm of ``x`` (N, C, ...) per channel; ``running_*`` are read only in evaluation.
+
+    The cache keeps ``xhat`` (4) only when a gradient reads it: ``dgamma`` (7),
+    or ``dx`` in training (10); evaluation's ``dx`` (9) and ``dbeta`` (6) do not.
+    """
+    need_x, need_gamma, need_beta = grad_flags("batch_norm", needs_input_grad, 5)[:3]
     channels = batch_norm_channels(x, gamma, beta, running_mean, running_var, training)
 
     dtype = x.dtype
@@ -143,32 +137,50 @@ def batch_norm_forward(
         y[...] = xhat
     if beta is not None:
         y += _per_channel(beta.astype(dtype, copy=False), x.ndim)  # (5)
+    need_gamma = need_gamma and gamma is not None
+    keep_xhat = need_gamma or (need_x and training)
     cache = BatchNormCache(
-        xhat, inv_std, gamma, None if beta is None else beta.dtype, mean, var, bool(training), count
+        xhat if keep_xhat else None,
+        inv_std,
+        gamma,
+        mean,
+        var,
+        bool(training),
+        count,
+        dtype if need_x else None,
+        gamma.dtype if need_gamma else None,
+        beta.dtype if beta is not None and need_beta else None,
+        x.ndim,
     )
     return y, cache
 
 
 def batch_norm_backward(dy: np.ndarray, cache: BatchNormCache):
-    xhat, inv_std, gamma, beta_dtype, _, _, training, count = cache
-    ndim, dtype = xhat.ndim, xhat.dtype
+    xhat, inv_std, gamma, _, _, training, count, x_dtype, gamma_dtype, beta_dtype, ndim = cache
+    dtype = dy.dtype
     axes = _channel_axes(ndim)
 
-    dbeta64 = _channel_sum(dy, axes)  # (6)
-    work = dy * xhat
-    dgamma64 = _channel_sum(work, axes)  # (7)
-    scale = inv_std if gamma is None else gamma.astype(dtype, copy=False) * inv_std  # gamma s, (8)
-    if training:
-        dy_mean = _per_channel((dbeta64 / count).astype(dtype), ndim)
-        dyxhat_mean = _per_channel((dgamma64 / count).astype(dtype), ndim)
-        # (10), evaluated in place in one full-size buffer
-        dx = np.multiply(xhat, dyxhat_mean, out=work)
-        np.subtract(dy, dx, out=dx)
-        dx -= dy_mean
-        dx *= _per_channel(scale, ndim)
-    else:
-        dx = np.multiply(dy, _per_channel(scale, ndim), out=work)  # (9)
+    need_dbeta = beta_dtype is not None or (training and x_dtype is not None)  # (10) reads dbeta
+    dbeta64 = _channel_sum(dy, axes) if need_dbeta else None  # (6)
+    work = dgamma64 = None
+    if xhat is not None:
+        work = dy * xhat
+        dgamma64 = _channel_sum(work, axes)  # (7)
+    dx = None
+    if x_dtype is not None:
+        scale = inv_std if gamma is None else gamma.astype(dtype, copy=False) * inv_std  # gamma s, (8)
+        if training:
+            dy_mean = _per_channel((dbeta64 / count).astype(dtype), ndim)
+            dyxhat_mean = _per_channel((dgamma64 / count).astype(dtype), ndim)
+            # (10), evaluated in place in one full-size buffer
+            dx = np.multiply(xhat, dyxhat_mean, out=work)
+            np.subtract(dy, dx, out=dx)
+            dx -= dy_mean
+            dx *= _per_channel(scale, ndim)
+        else:
+            dx = dy * _per_channel(scale, ndim)  # (9)
+        dx = dx.astype(x_dtype, copy=False)
 
-    dgamma = None if gamma is None else dgamma64.astype(gamma.dtype)
+    dgamma = None if gamma_dtype is None else dgamma64.astype(gamma_dtype)
     dbeta = None if beta_dtype is None else dbeta64.astype(beta_dtype)
-    return dx.astype(dtype, copy=False), dgamma, dbeta, None, None
+    return dx, dgamma, dbeta, None, None

@@ -34,11 +34,10 @@ Outputs and gradients keep ``x``'s dtype.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from reference.caches import AvgPoolCache, GlobalAvgPoolCache, MaxPoolCache, grad_flags
 from reference.contracts import PoolGeometry, pool_geometry
 
 from .conv import _offset, _pad
@@ -64,13 +63,9 @@ def _scatter(geo: PoolGeometry, dtype, pieces) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ max pooling
-class MaxPoolCache(NamedTuple):
-    geometry: PoolGeometry
-    argmax: np.ndarray  # (N, C, Ho, Wo): p* kw + q* of (2), the smallest integer type that fits
-
-
-def max_pool2d_forward(x, kernel_size, stride=None, padding=0):
+def max_pool2d_forward(x, kernel_size, stride=None, padding=0, needs_input_grad=None):
     """Max over each window (1); ``stride`` None means the window size, padding is -inf."""
+    grad_flags("max_pool2d", needs_input_grad, 1)
     geo = pool_geometry("max_pool2d", x, kernel_size, stride, padding)
     (kh, kw), (sh, sw) = geo.kernel, geo.stride
     n, c = x.shape[:2]
@@ -94,12 +89,9 @@ def max_pool2d_backward(dy, cache: MaxPoolCache):
 
 
 # -------------------------------------------------------------- average pooling
-class AvgPoolCache(NamedTuple):
-    geometry: PoolGeometry
-
-
-def avg_pool2d_forward(x, kernel_size, stride=None, padding=0):
+def avg_pool2d_forward(x, kernel_size, stride=None, padding=0, needs_input_grad=None):
     """Mean over each window (4); zero padding counts in the divisor kh*kw."""
+    grad_flags("avg_pool2d", needs_input_grad, 1)
     geo = pool_geometry("avg_pool2d", x, kernel_size, stride, padding)
     (kh, kw), (sh, sw), (ho, wo) = geo.kernel, geo.stride, geo.out
     xp = _pad(x, *geo.padding)
@@ -121,12 +113,9 @@ def avg_pool2d_backward(dy, cache: AvgPoolCache):
 
 
 # ------------------------------------------------------- global average pooling
-class GlobalAvgPoolCache(NamedTuple):
-    x_shape: tuple[int, int, int, int]
-
-
-def global_avg_pool2d_forward(x):
+def global_avg_pool2d_forward(x, needs_input_grad=None):
     """(N, C, H, W) -> (N, C), the mean over H and W (6)."""
+    grad_flags("global_avg_pool2d", needs_input_grad, 1)
     if x.ndim != 4:
         raise ValueError(f"global_avg_pool2d expects x of shape (N, C, H, W), got {x.shape}")
     return x.mean(axis=(2, 3)), GlobalAvgPoolCache(tuple(x.shape))  # (6)

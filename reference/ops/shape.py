@@ -5,16 +5,13 @@ y = reshape(x, shape)        dx = reshape(dy, x.shape)                   (1)
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from reference.caches import ReshapeCache, grad_flags
 
 __all__ = ["reshape_forward", "reshape_backward"]
 
 
-class ReshapeCache(NamedTuple):
-    x_shape: tuple[int, ...]
-
-
-def reshape_forward(x, shape):
+def reshape_forward(x, shape, needs_input_grad=None):
+    grad_flags("reshape", needs_input_grad, 1)
     return x.reshape(shape), ReshapeCache(tuple(x.shape))
 
 

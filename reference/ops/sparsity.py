@@ -76,6 +76,37 @@ drops the L0 term's weight gradient, one reading of the paper.
 LTP has no kink: (6)-(14) are smooth in ``W`` and ``tau``. At ``W^2 = tau``,
 ``m = 1/2`` and ``q = 1/4`` (a test pins the gradients there).
 
+Tiny temperatures. The kernels divide by ``T_w``, the temperature rounded to
+w's dtype (``T`` itself unless it is a subnormal of that dtype). A ``T`` that
+rounds to 0 (below about 7e-46 in float32) is rejected with a ConfigError
+naming it: (6) would be ``0 / 0 = NaN`` at ``W^2 = tau``. Every other finite
+``T > 0`` is accepted, so the backward never forms ``1/T`` or ``2/T``: those
+overflow once ``T < 2 / max(dtype)`` (about 5.9e-39 in float32), and a
+weight outside the band (``q = 0``) would then get ``0 * inf = NaN``. Each
+term of (8), (10), (12) and (14) is instead a numerator that carries the
+factor ``q``, divided by ``T_w`` last, and the result saturates::
+
+    sat(x) = min(max(x, -F), F),   F the largest finite value of x's dtype  (23)
+    dW   = sat(G m + (2 G (W q) W) / T_w)          (8), as evaluated
+    dtau = sat(-sum(q G W) / T_w)                  (10), as evaluated
+    dW   = sat((2 dy) (W q) / T_w)                 (12), as evaluated
+    dtau = sat(-(dy sum(q)) / T_w)                 (14), as evaluated
+
+These are (8)-(14) with ``2/T`` and ``1/T`` moved to the end: the same values
+wherever nothing overflows. Where ``q = 0`` the numerator is exactly 0
+(``W q`` is formed first, so a ``W^2`` that would overflow meets the 0
+first) and ``0 / T_w = 0``: (8) is exactly ``G m`` and (12) exactly 0, the
+derivative of the forward as computed, whose ``m`` is flat there (exactly 0
+or 1). Where ``q > 0`` the true value can exceed the dtype: at ``W^2 = tau``
+(``q = 1/4``), (8) is ``G (1/2 + tau / (2 T))``, beyond ``F`` once ``T`` falls
+below about ``tau |G| / (2 F)``. (23) then gives ``sign(G) F``, the
+largest value the dtype holds, in the direction of the true derivative,
+instead of ``inf``; it is a convention (a test pins it), chosen so that one
+such weight cannot turn an optimizer's arithmetic into ``inf`` and then NaN.
+NaN in stays NaN out. The weight gradients are evaluated in w's dtype, the
+sums of (10) and (14) in float64 (``T_w`` is exact in float64), and (23) is
+applied in the dtype of the result (w's for ``dW``, tau's for ``dtau``).
+
 SCP: operation-aware soft channel pruning (METHODS section 3)
 -------------------------------------------------------------
 
@@ -106,21 +137,22 @@ backward returns zeros of their shapes and dtypes (its derivative wherever
 
     dgamma = 0,   dbeta = 0                                                 (22)
 
-Settings are checked: ``T > 0``, ``k > 0``, ``t > 0`` and ``0 < c0 < 1``;
-anything else raises :class:`reference.errors.ConfigError` (a ValueError)
-naming the value.
+Settings are checked: ``T > 0`` (and not 0 in w's dtype), ``k > 0``,
+``t > 0`` and ``0 < c0 < 1``; anything else raises
+:class:`reference.errors.ConfigError` (a ValueError) naming the value.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 from scipy.special import ndtr
 
-from reference.contracts import check_scp_settings
-from reference.errors import ConfigError, ShapeError
+from reference.caches import LtpCache, ScpCache, StrCache, grad_flags
+from reference.contracts import check_scp_settings, ltp_temperature
+from reference.errors import ShapeError
 
 __all__ = [
     "str_threshold_forward",
@@ -166,17 +198,10 @@ def _scalar_input(op: str, name: str, x: Any, dtype) -> tuple[Any, Any]:
     raise ShapeError(f"{op} expects {name} as a number or a 0-d array, got {type(x).__name__}")
 
 
-def _temperature(op: str, temperature: Any) -> float:
-    if isinstance(temperature, np.ndarray):
-        if temperature.shape != ():
-            raise ShapeError(
-                f"{op} expects temperature as a number or a 0-d array, got shape {temperature.shape}"
-            )
-        temperature = temperature.item()
-    value = float(temperature)
-    if not (value > 0 and math.isfinite(value)):
-        raise ConfigError(f"{op}: temperature must be a finite number > 0, got {temperature!r}")
-    return value
+def _saturate(x: Any, dtype) -> Any:
+    """(23): ``x`` clipped to the finite range of ``dtype`` (NaN stays NaN), as ``dtype``."""
+    big = np.finfo(dtype).max
+    return np.clip(x, -big, big).astype(dtype, copy=False)
 
 
 def _channel_view(v: np.ndarray, ndim: int) -> np.ndarray:
@@ -185,18 +210,13 @@ def _channel_view(v: np.ndarray, ndim: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------- STR
-class StrCache(NamedTuple):
-    w: np.ndarray  # the latent weight (a reference, not a copy)
-    mask: np.ndarray  # M = [|W| > g], bool, w's shape: the strict mask of (2)
-    threshold: np.ndarray  # g of (1) in w's dtype, s's shape (for logging and tests)
-    slope: np.ndarray  # sigmoid'(s) in w's dtype, s's shape
-    s_dtype: Any  # None: s was a Python number (no gradient)
-    per_channel: bool
+def str_threshold_forward(w: np.ndarray, s: Any, needs_input_grad=None) -> tuple[np.ndarray, StrCache]:
+    """STR soft threshold (2) of ``w`` with ``g = sigmoid(s)``; ``s`` of shape () or (w.shape[0],).
 
-
-def str_threshold_forward(w: np.ndarray, s: Any) -> tuple[np.ndarray, StrCache]:
-    """STR soft threshold (2) of ``w`` with ``g = sigmoid(s)``; ``s`` of shape () or (w.shape[0],)."""
+    The cache keeps ``w`` itself and ``g``; the mask ``M`` is recomputed in the backward.
+    """
     op = "str_threshold"
+    need_w, need_s = grad_flags(op, needs_input_grad, 2)
     w = _float_array(op, "w", w)
     dtype = w.dtype
     if isinstance(s, (np.ndarray, np.generic)):
@@ -216,13 +236,14 @@ def str_threshold_forward(w: np.ndarray, s: Any) -> tuple[np.ndarray, StrCache]:
     g_w = _channel_view(g, w.ndim) if per_channel else g
     mask = np.abs(w) > g_w  # (2), strict: |W| == g is pruned
     w_eff = np.where(mask, w - np.sign(w) * g_w, dtype.type(0))  # (2)
-    return w_eff.astype(dtype, copy=False), StrCache(w, mask, g, slope, s_dtype, per_channel)
+    cache = StrCache(w, g, slope, dtype if need_w else None, s_dtype if need_s else None, per_channel)
+    return w_eff.astype(dtype, copy=False), cache
 
 
 def str_threshold_backward(dy: np.ndarray, cache: StrCache):
-    w, mask, _, slope, s_dtype, per_channel = cache
-    dtype = w.dtype
-    dw = (dy * mask).astype(dtype, copy=False)  # (3)
+    w, g, slope, w_dtype, s_dtype, per_channel = cache
+    mask = np.abs(w) > (_channel_view(g, w.ndim) if per_channel else g)  # M of (2), recomputed from w
+    dw = None if w_dtype is None else (dy * mask).astype(w_dtype, copy=False)  # (3)
     ds = None
     if s_dtype is not None:
         signed = np.where(mask, dy * np.sign(w), 0)  # G sign(W) M
@@ -237,78 +258,84 @@ def str_threshold_backward(dy: np.ndarray, cache: StrCache):
 
 
 # ------------------------------------------------------------------------- LTP
-class LtpCache(NamedTuple):
-    w: np.ndarray  # the latent weight (a reference, not a copy)
-    m: np.ndarray  # sigmoid(z) of (6), w's shape and dtype
-    q: np.ndarray  # sigmoid'(z) of (6)
-    temperature: float  # T
-    flag: bool  # exact_grad for the mask, weight_grad for L0
-    tau_dtype: Any  # None: tau was a Python number (no gradient)
+def _ltp_sigmoid(w: np.ndarray, tau_arr: np.ndarray, temp: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(m, q)`` of (6) in w's dtype; the forward computes them and the backward again, from ``w``."""
+    dtype = w.dtype
+    with np.errstate(over="ignore"):  # a tiny T sends z to +-inf: m is then exactly 0 or 1, q 0
+        z = (w * w - tau_arr) / dtype.type(temp)  # (6)
+    m, q = _sigmoid(z)  # (6)
+    return m.astype(dtype, copy=False), q.astype(dtype, copy=False)
 
 
-def _ltp_soft_mask(op: str, w, tau, temperature, flag: bool) -> LtpCache:
+def _ltp_soft_mask(op: str, w, tau, temperature, flag: bool, needs_input_grad) -> tuple[np.ndarray, LtpCache]:
+    """``m`` of (6) and a cache holding ``w`` itself (not ``m`` or ``q``: the backward recomputes them)."""
+    need_w, need_tau, _ = grad_flags(op, needs_input_grad, 3)
     w = _float_array(op, "w", w)
     dtype = w.dtype
-    temp = _temperature(op, temperature)
+    temp = ltp_temperature(op, temperature, dtype)  # finite, > 0, and not 0 in w's dtype
     tau_arr, tau_dtype = _scalar_input(op, "tau", tau, dtype)
-    z = (w * w - tau_arr) / dtype.type(temp)  # (6)
-    m, q = _sigmoid(z)  # (6)
-    return LtpCache(w, m.astype(dtype, copy=False), q.astype(dtype, copy=False), temp, bool(flag), tau_dtype)
+    m, _ = _ltp_sigmoid(w, tau_arr, temp)  # (6)
+    cache = LtpCache(w, tau_arr, temp, bool(flag), dtype if need_w else None, tau_dtype if need_tau else None)
+    return m, cache
 
 
-def ltp_mask_forward(w: np.ndarray, tau: Any, temperature: Any, exact_grad: bool = True):
+def ltp_mask_forward(
+    w: np.ndarray, tau: Any, temperature: Any, exact_grad: bool = True, needs_input_grad=None
+):
     """LTP soft-masked weight ``W sigmoid((W^2 - tau) / T)`` (7); ``temperature`` gets no gradient."""
-    cache = _ltp_soft_mask("ltp_mask", w, tau, temperature, exact_grad)
-    return cache.w * cache.m, cache  # (7)
+    m, cache = _ltp_soft_mask("ltp_mask", w, tau, temperature, exact_grad, needs_input_grad)
+    return cache.w * m, cache  # (7)
 
 
 def ltp_mask_backward(dy: np.ndarray, cache: LtpCache):
-    w, m, q, temp, exact_grad, tau_dtype = cache
+    w, tau, temp, exact_grad, w_dtype, tau_dtype = cache
+    m, q = _ltp_sigmoid(w, tau, temp)  # (6), recomputed from w
     dtype = w.dtype
-    dw = dy * m  # (9)
-    if exact_grad:
-        dw = dw + dy * (w * w * q) * dtype.type(2.0 / temp)  # (8)
-    dtau = None
-    if tau_dtype is not None:
-        dtau = np.asarray(-np.sum(q * dy * w, dtype=_ACC) / temp, dtype=tau_dtype)  # (10)
-    return dw.astype(dtype, copy=False), dtau, None
+    t_w = dtype.type(temp)  # T_w: T in w's dtype, as the forward divides by it
+    dw = None
+    with np.errstate(over="ignore"):  # an overflow saturates (23)
+        if w_dtype is not None:
+            dw = dy * m  # (9)
+            if exact_grad:
+                dw = _saturate(dw + (2 * dy * (w * q) * w) / t_w, dtype)  # (8), T_w last, (23)
+            dw = dw.astype(dtype, copy=False)
+        dtau = None
+        if tau_dtype is not None:
+            total = np.sum(q * dy * w, dtype=_ACC)
+            dtau = np.asarray(_saturate(-total / float(t_w), tau_dtype), dtype=tau_dtype)  # (10), (23)
+    return dw, dtau, None
 
 
-def ltp_l0_forward(w: np.ndarray, tau: Any, temperature: Any, weight_grad: bool = True):
+def ltp_l0_forward(
+    w: np.ndarray, tau: Any, temperature: Any, weight_grad: bool = True, needs_input_grad=None
+):
     """LTP differentiable L0 count ``sum(m)`` (11), a 0-d array of w's dtype."""
-    cache = _ltp_soft_mask("ltp_l0", w, tau, temperature, weight_grad)
-    return np.asarray(np.sum(cache.m, dtype=_ACC), dtype=cache.w.dtype), cache  # (11)
+    m, cache = _ltp_soft_mask("ltp_l0", w, tau, temperature, weight_grad, needs_input_grad)
+    return np.asarray(np.sum(m, dtype=_ACC), dtype=cache.w.dtype), cache  # (11)
 
 
 def ltp_l0_backward(dy: Any, cache: LtpCache):
-    w, _, q, temp, weight_grad, tau_dtype = cache
+    w, tau, temp, weight_grad, w_dtype, tau_dtype = cache
+    _, q = _ltp_sigmoid(w, tau, temp)  # (6), recomputed from w
+    weight_grad = weight_grad and w_dtype is not None
     dtype = w.dtype
+    t_w = dtype.type(temp)  # T_w: T in w's dtype, as the forward divides by it
     g = float(dy)  # the upstream gradient of a scalar
-    dw = None  # (13)
-    if weight_grad:
-        dw = (w * q * dtype.type(2.0 * g / temp)).astype(dtype, copy=False)  # (12)
-    dtau = None
-    if tau_dtype is not None:
-        dtau = np.asarray(-g / temp * np.sum(q, dtype=_ACC), dtype=tau_dtype)  # (14)
+    dw = dtau = None  # (13)
+    with np.errstate(over="ignore"):  # an overflow saturates (23)
+        if weight_grad:
+            dw = _saturate((w * q) * dtype.type(2.0 * g) / t_w, dtype)  # (12), T_w last, (23)
+        if tau_dtype is not None:
+            total = np.sum(q, dtype=_ACC)
+            dtau = np.asarray(_saturate(-(g * total) / float(t_w), tau_dtype), dtype=tau_dtype)  # (14), (23)
     return dw, dtau, None
 
 
 # ------------------------------------------------------------------------- SCP
-class ScpCache(NamedTuple):
-    prob: np.ndarray  # P of (15), (C,): the probability that BN + ReLU leaves the channel off
-    u: np.ndarray  # u of (15)
-    a: np.ndarray  # |gamma| + 1e-8
-    sign_gamma: np.ndarray  # sign(gamma), sign(0) = 0: the subgradient of |gamma| in (21)
-    slope: np.ndarray | None  # sigmoid'(z) of (18); None in evaluation
-    k_over_t: float
-    training: bool
-    gamma_dtype: Any
-    beta_dtype: Any
-
-
-def scp_channel_mask_forward(gamma, beta, noise, k, c0, t, eps, training):
+def scp_channel_mask_forward(gamma, beta, noise, k, c0, t, eps, training, needs_input_grad=None):
     """SCP channel mask: the relaxed sample (16) in training, the hard mask (17) in evaluation."""
     op = "scp_channel_mask"
+    need_gamma, need_beta, _ = grad_flags(op, needs_input_grad, 3)
     check_scp_settings(k, c0, t, eps)
     gamma = _float_array(op, "gamma", gamma)
     beta = _float_array(op, "beta", beta)
@@ -330,7 +357,15 @@ def scp_channel_mask_forward(gamma, beta, noise, k, c0, t, eps, training):
     else:
         m, slope = (prob <= dtype.type(c0)).astype(dtype), None  # (17)
     cache = ScpCache(
-        prob, u, a, sign_gamma, slope, float(k) / float(t), bool(training), gamma.dtype, beta.dtype
+        prob,
+        u,
+        a,
+        sign_gamma,
+        slope,
+        float(k) / float(t),
+        bool(training),
+        gamma.dtype if need_gamma else None,
+        beta.dtype if need_beta else None,
     )
     return m.astype(dtype, copy=False), cache
 
@@ -338,13 +373,17 @@ def scp_channel_mask_forward(gamma, beta, noise, k, c0, t, eps, training):
 def scp_channel_mask_backward(dy: np.ndarray, cache: ScpCache):
     _, u, a, sign_gamma, slope, k_over_t, training, gamma_dtype, beta_dtype = cache
     if not training:
-        return np.zeros(u.shape, gamma_dtype), np.zeros(u.shape, beta_dtype), None  # (22)
+        dgamma = None if gamma_dtype is None else np.zeros(u.shape, gamma_dtype)  # (22)
+        dbeta = None if beta_dtype is None else np.zeros(u.shape, beta_dtype)  # (22)
+        return dgamma, dbeta, None
     dtype = u.dtype
     dz = dy * slope  # (18)
     dp = dz * dtype.type(-k_over_t)  # (19)
     with np.errstate(over="ignore"):  # u^2 may overflow for gamma ~ 0; exp(-inf) = 0 is right
         density = np.exp(-0.5 * u * u) * dtype.type(_INV_SQRT_2PI)  # phi(u)
     dp_phi_over_a = dp * density / a
-    dbeta = -dp_phi_over_a  # (20)
-    dgamma = -dp_phi_over_a * u * sign_gamma  # (21)
-    return dgamma.astype(gamma_dtype, copy=False), dbeta.astype(beta_dtype, copy=False), None
+    dbeta = None if beta_dtype is None else (-dp_phi_over_a).astype(beta_dtype, copy=False)  # (20)
+    dgamma = None
+    if gamma_dtype is not None:
+        dgamma = (-dp_phi_over_a * u * sign_gamma).astype(gamma_dtype, copy=False)  # (21)
+    return dgamma, dbeta, None
