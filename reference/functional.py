@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from reference.autodiff import Tensor, apply, apply_with_cache, as_array, no_grad
+from reference.backend import array_module
 from reference.errors import ShapeError
 
 IntPair = int | tuple[int, int]
@@ -98,7 +99,10 @@ def batch_norm(
     to the channels where it is True; the others keep their running statistics
     unchanged (SCP updates the statistics of kept channels only). The updated
     channels get exactly the values they would get without a mask. It does not
-    change the output, and is ignored in evaluation mode.
+    change the output, and is ignored in evaluation mode. The masked update is
+    an element-wise select (``where``), not boolean indexing: on the GPU,
+    indexing by a mask reads the number of selected channels back to the host,
+    a synchronisation inside every training step.
     """
     running_mean, running_var = as_array(running_mean), as_array(running_var)
     update_mask = as_array(update_mask)
@@ -121,9 +125,10 @@ def batch_norm(
             new_mean += momentum * cache.mean
             new_var *= 1.0 - momentum
             new_var += momentum * cache.var * (n / max(n - 1, 1))
-            if update_mask is not None:
-                running_mean[update_mask] = new_mean[update_mask]
-                running_var[update_mask] = new_var[update_mask]
+            if update_mask is not None:  # a select, not boolean indexing: no read of the mask's values
+                xp = array_module(running_mean)
+                running_mean[...] = xp.where(update_mask, new_mean, running_mean)
+                running_var[...] = xp.where(update_mask, new_var, running_var)
     return y
 
 

@@ -22,6 +22,15 @@ resumed from the checkpoint written after epoch ``k`` repeats epochs
 ``k+1, ...`` exactly; its final weights are bit-identical to those of an
 uninterrupted run.
 
+Host reads on the GPU: inside a step (:func:`_train_step`: the method's
+hooks, forward, backward, update) nothing is read back from the device, so the
+host queues work ahead of the GPU. The reads that do happen are in a few named
+places: :meth:`_RunningSums.read` (the running loss every
+:data:`GPU_READ_EVERY` steps) and :meth:`_RunningSums.totals` (the end of the
+epoch's steps), :func:`_finish_epoch` (evaluation, the method's statistics,
+metrics and checkpoints) and :func:`_finish_run` (the model back on the host).
+``tests/test_no_host_reads.py`` allows exactly these.
+
 The run directory holds::
 
     config.json, config.toml   the resolved configuration
@@ -63,7 +72,6 @@ __all__ = [
     "build_model_and_method",
     "build_model_for",
     "evaluate",
-    "evaluate_batches",
     "evaluate_batches",
     "param_groups",
     "train",
@@ -371,13 +379,84 @@ def _progress_enabled(config: TrainConfig) -> bool:
     return config.progress and sys.stderr.isatty()
 
 
+class _RunningSums:
+    """An epoch's running task-loss sum, correct predictions and images seen.
+
+    On the CPU each step's values are read as they come (:meth:`add` returns a
+    non-finite objective, so the run stops before the update). On the GPU they
+    stay device arrays, together with the sum of the full objective for the
+    divergence check; only :meth:`read` (every :data:`GPU_READ_EVERY` steps) and
+    :meth:`totals` (the end of the epoch) read them back to the host.
+    """
+
+    def __init__(self, on_gpu: bool) -> None:
+        self.on_gpu = on_gpu
+        self.loss: Any = 0.0
+        self.correct: Any = 0
+        self.objective: Any = 0.0  # GPU: the sum of the full objective
+        self.seen = 0
+
+    def add(self, loss: Tensor, full: Tensor, logits: Tensor, labels: Any) -> float | None:
+        """Count one batch; on the CPU, return the objective when it is not finite (else None)."""
+        n = len(labels)
+        if self.on_gpu:  # device arithmetic only: nothing is read
+            self.loss = self.loss + loss.data.astype("float64") * n
+            self.objective = self.objective + full.data.astype("float64")
+            self.correct = self.correct + (logits.data.argmax(axis=1) == labels).sum()
+            self.seen += n
+            return None
+        value, total = loss.item(), full.item()
+        if not (math.isfinite(value) and math.isfinite(total)):
+            return total
+        self.loss += value * n
+        self.correct += int((np.asarray(logits.numpy()).argmax(axis=1) == labels).sum())
+        self.seen += n
+        return None
+
+    def read(self) -> tuple[float, float]:
+        """(objective sum, mean task loss so far) as host numbers: the GPU's one read every few steps."""
+        return float(self.objective), float(self.loss) / max(self.seen, 1)
+
+    def totals(self) -> tuple[float, float, float]:
+        """(objective sum, mean task loss, accuracy) of the epoch as host numbers: the end-of-epoch read."""
+        return (
+            float(self.objective),
+            float(self.loss) / max(self.seen, 1),
+            int(self.correct) / max(self.seen, 1),
+        )
+
+
+def _train_step(model, optimizer, method, ctx, xb, yb, config: TrainConfig, sums: _RunningSums):
+    """One optimizer step on the batch ``(xb, yb)``: the method's hooks, forward, backward, update.
+
+    Returns a non-finite objective (CPU only; nothing was updated) or None. On
+    the GPU nothing here reads a device value back.
+    """
+    method.before_step(model, ctx)
+    if sums.on_gpu:
+        xb, yb = _batch_on_device(xb, yb)
+    logits = model(Tensor(xb))
+    loss = softmax_cross_entropy(logits, yb, label_smoothing=config.label_smoothing)
+    extra = method.regularization(model)
+    full = loss if extra is None else loss + extra
+    bad = sums.add(loss, full, logits, yb)
+    if bad is not None:
+        return bad
+    optimizer.zero_grad()
+    full.backward()
+    optimizer.step()
+    method.after_step(model, ctx)
+    return None
+
+
 def _train_epoch(model, optimizer, schedule, data, config: TrainConfig, epoch: int, method):
     """One epoch of SGD; returns (lr at the first step, mean task loss, accuracy).
 
     On the CPU the loss is read after every step (a non-finite loss stops the
     run before the update). On the GPU nothing is read inside a step: the
     running sums stay on the device and are read every :data:`GPU_READ_EVERY`
-    steps (progress bar, divergence check) and at the end of the epoch.
+    steps (progress bar, divergence check) and at the end of the epoch, in
+    :meth:`_RunningSums.read` and :meth:`_RunningSums.totals`.
     """
     from tqdm import tqdm
 
@@ -401,8 +480,7 @@ def _train_epoch(model, optimizer, schedule, data, config: TrainConfig, epoch: i
     optimizer.set_lr(first_lr)
     model.train()
     method_rng = _method_rng(config.seed, epoch)
-    total_loss, correct, seen = 0.0, 0, 0
-    objective = 0.0  # GPU: the running sum of the full objective, checked for divergence
+    sums = _RunningSums(on_gpu)
 
     def diverged(step: int, value: Any, where: str) -> DivergenceError:
         return DivergenceError(
@@ -415,40 +493,204 @@ def _train_epoch(model, optimizer, schedule, data, config: TrainConfig, epoch: i
             ctx = StepContext(epoch, step, steps, config.epochs, method_rng)
             if config.per_step:
                 optimizer.set_lr(schedule(epoch, step, steps))
-            method.before_step(model, ctx)
-            if on_gpu:
-                xb, yb = _batch_on_device(xb, yb)
-            logits = model(Tensor(xb))
-            loss = softmax_cross_entropy(logits, yb, label_smoothing=config.label_smoothing)
-            extra = method.regularization(model)
-            full = loss if extra is None else loss + extra
-            if on_gpu:
-                total_loss = total_loss + loss.data.astype("float64") * len(yb)
-                objective = objective + full.data.astype("float64")
-                correct = correct + (logits.data.argmax(axis=1) == yb).sum()
-            else:
-                value, total = loss.item(), full.item()
-                if not (math.isfinite(value) and math.isfinite(total)):
-                    raise diverged(step, total, "step")
-                total_loss += value * len(yb)
-                correct += int((np.asarray(logits.numpy()).argmax(axis=1) == yb).sum())
-            optimizer.zero_grad()
-            full.backward()
-            optimizer.step()
-            method.after_step(model, ctx)
-            seen += len(yb)
+            bad = _train_step(model, optimizer, method, ctx, xb, yb, config, sums)
+            if bad is not None:
+                raise diverged(step, bad, "step")
             if on_gpu and (step + 1) % GPU_READ_EVERY == 0:
-                read = float(objective)  # the one host synchronisation of these steps
-                if not math.isfinite(read):
-                    raise diverged(step, read, "by step")
-                bar.set_postfix(loss=f"{float(total_loss) / seen:.4f}", refresh=False)
+                objective, mean_loss = sums.read()  # the one host synchronisation of these steps
+                if not math.isfinite(objective):
+                    raise diverged(step, objective, "by step")
+                bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
             elif not on_gpu and step % 10 == 0:
-                bar.set_postfix(loss=f"{total_loss / seen:.4f}", refresh=False)
+                bar.set_postfix(loss=f"{sums.read()[1]:.4f}", refresh=False)
     finally:
         bar.close()
-    if on_gpu and not math.isfinite(float(objective)):
-        raise diverged(steps - 1, float(objective), "by step")
-    return first_lr, float(total_loss) / max(seen, 1), int(correct) / max(seen, 1)
+    objective, mean_loss, accuracy = sums.totals()
+    if on_gpu and not math.isfinite(objective):
+        raise diverged(steps - 1, objective, "by step")
+    return first_lr, mean_loss, accuracy
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the epochs of one :func:`train` call share."""
+
+    config: TrainConfig
+    data: Any
+    model: Any
+    method: Any
+    optimizer: Any
+    schedule: Any
+    run_dir: Path
+    log: Log
+    history: list[dict[str, float]]
+    best_acc: float = -1.0
+    best_epoch: int = 0
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoint.npz"
+
+
+def _build(config: TrainConfig, data):
+    """``(model, method, optimizer, schedule)`` for ``config``, the model on ``config.device``."""
+    from reference.optim import SGD
+    from reference.schedules import build_schedule
+
+    model, method = build_model_and_method(config, data)
+    model.to(config.device)  # before the optimizer, so its momentum buffers are made on the device
+    optimizer = SGD(
+        param_groups(model, config, method),
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+        weight_decay=config.weight_decay,
+    )
+    schedule = build_schedule(
+        config.schedule,
+        config.lr,
+        config.epochs,
+        warmup_epochs=config.warmup_epochs,
+        per_step=config.per_step,
+        milestones=config.milestones,
+        gamma=config.gamma,
+    )
+    return model, method, optimizer, schedule
+
+
+def _restore(ckpt: Checkpoint, config: TrainConfig, model, method, optimizer):
+    """Load ``ckpt`` into the model, optimizer and method; returns (epoch, history, best_acc, best_epoch)."""
+    where = str(ckpt.path)
+    try:
+        model.load_state_dict(ckpt.model_state, strict=True)
+    except CheckpointError as exc:
+        raise CheckpointError(f"checkpoint {where!r} does not fit model {config.model!r}: {exc}") from None
+    try:
+        optimizer.load_state_dict(ckpt.optimizer_state)
+    except (ConfigError, TypeError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"checkpoint {where!r}: optimizer state does not fit: {exc}") from None
+    history = [dict(row) for row in ckpt.metrics]
+    extra = ckpt.extra if isinstance(ckpt.extra, dict) else {}
+    method.load_state_dict(extra.get("method", {}))
+    best_acc = float(extra.get("best_acc", max((r["test_acc"] for r in history), default=-1.0)))
+    return ckpt.epoch, history, best_acc, int(extra.get("best_epoch", 0))
+
+
+def _run_epoch(run: _Run, epoch: int) -> None:
+    """Train epoch ``epoch`` (0-based), then :func:`_finish_epoch`."""
+    t_epoch = time.perf_counter()
+    path = run.checkpoint_path
+    try:
+        lr, train_loss, train_acc = _train_epoch(
+            run.model, run.optimizer, run.schedule, run.data, run.config, epoch, run.method
+        )
+        train_seconds = time.perf_counter() - t_epoch  # the steps alone (they end with a device read)
+    except DivergenceError as exc:
+        if path.exists() and epoch > 0:
+            raise DivergenceError(f"{exc}; the last good checkpoint is {str(path)!r}") from None
+        raise
+    except KeyboardInterrupt:
+        if epoch > 0 and path.exists():
+            run.log(f"interrupted in epoch {epoch + 1}; continue with --resume {str(path)!r}")
+        raise
+    _finish_epoch(run, epoch, lr, train_loss, train_acc, t_epoch, train_seconds)
+
+
+def _finish_epoch(
+    run: _Run,
+    epoch: int,
+    lr: float,
+    train_loss: float,
+    train_acc: float,
+    t_epoch: float,
+    train_seconds: float,
+) -> None:
+    """After an epoch's steps: evaluate, ask the method for its numbers, write metrics and checkpoints.
+
+    Everything here reads the model back to the host on purpose (evaluation
+    totals, per-layer statistics, the checkpoint's arrays); none of it runs
+    inside a training step.
+    """
+    from reference.sparsity import StepContext
+
+    config, model, method = run.config, run.model, run.method
+    test_loss, test_acc = _evaluate_data(model, run.data, config.eval_batch_size)
+    if not math.isfinite(test_loss):  # the last update broke the weights: keep the old checkpoint
+        path = run.checkpoint_path
+        last_good = f"; the last good checkpoint is {str(path)!r}" if path.exists() else ""
+        raise DivergenceError(
+            f"training diverged at epoch {epoch + 1}: the test loss after the epoch is {test_loss} "
+            f"(lr {run.optimizer.param_groups[0]['lr']:g}); try a smaller lr{last_good}"
+        )
+    steps = max(1, -(-run.data.num_train // config.batch_size))
+    method_stats = method.end_epoch(
+        model, StepContext(epoch, steps, steps, config.epochs, _method_rng(config.seed, epoch))
+    )
+    row = {
+        "epoch": epoch + 1,
+        "lr": float(lr),
+        "train_loss": float(train_loss),
+        "train_acc": float(train_acc),
+        "test_loss": float(test_loss),
+        "test_acc": float(test_acc),
+        "sparsity": float(method_stats.get("sparsity", _weight_sparsity(model))),
+        "seconds": round(time.perf_counter() - t_epoch, 3),
+        "train_seconds": round(train_seconds, 3),
+    }
+    run.history.append(row)
+    improved = test_acc > run.best_acc
+    if improved:
+        run.best_acc, run.best_epoch = test_acc, epoch + 1
+    state = {
+        "model_state": model.state_dict(),
+        "optimizer_state": run.optimizer.state_dict(),
+        "config": config,
+        "epoch": epoch + 1,
+        "metrics": run.history,
+        "extra": {
+            "best_acc": run.best_acc,
+            "best_epoch": run.best_epoch,
+            "rng": {"seed": config.seed, "epoch": epoch + 1},
+            "method": method.state_dict(),
+        },
+    }
+    save_checkpoint(run.checkpoint_path, **state)
+    if method.keeps_trail:
+        (run.run_dir / "trail").mkdir(exist_ok=True)
+        save_checkpoint(run.run_dir / "trail" / f"epoch_{epoch + 1:03d}.npz", **state)
+    if method_stats:
+        _append_jsonl(run.run_dir / "layers.jsonl", {"epoch": epoch + 1, **method_stats})
+    if improved:
+        save_checkpoint(run.run_dir / "best.npz", **state)
+    _write_metrics(run.run_dir, run.history)
+    run.log(
+        f"epoch {epoch + 1:>3}/{config.epochs}  lr {lr:.4g}  train loss {train_loss:.4f} acc {train_acc:.2%}  "
+        f"test loss {test_loss:.4f} acc {test_acc:.2%}  sparsity {row['sparsity']:.2%}  ({row['seconds']:.1f}s)"
+    )
+
+
+def _finish_run(run: _Run, start_epoch: int, t_start: float) -> TrainResult:
+    """The model back on the host, the result, and the summary in the log."""
+    seconds = time.perf_counter() - t_start
+    model, config = run.model, run.config
+    model.to("cpu")  # the result (and the summary below) on the host, whatever trained it
+    if run.history:
+        metrics = dict(run.history[-1])
+    else:  # nothing left to train: report the restored model as it is
+        test_loss, test_acc = _evaluate_data(model, run.data, config.eval_batch_size)
+        metrics = {"epoch": start_epoch, "test_loss": test_loss, "test_acc": test_acc}
+    result = TrainResult(
+        config=config,
+        model=model,
+        metrics=metrics,
+        history=run.history,
+        best_acc=max(run.best_acc, 0.0),
+        best_epoch=run.best_epoch,
+        run_dir=run.run_dir,
+        seconds=seconds,
+    )
+    _summary(result, run.data, run.log)
+    return result
 
 
 def train(
@@ -497,48 +739,11 @@ def train(
         runtime.set_precision(config.precision)
     if data is None:
         data = build_data(config)
-    model, method = build_model_and_method(config, data)
-    model.to(config.device)  # before the optimizer, so its momentum buffers are made on the device
-    from reference.optim import SGD
-    from reference.schedules import build_schedule
-    from reference.sparsity import StepContext
-
-    optimizer = SGD(
-        param_groups(model, config, method),
-        lr=config.lr,
-        momentum=config.momentum,
-        nesterov=config.nesterov,
-        weight_decay=config.weight_decay,
-    )
-    schedule = build_schedule(
-        config.schedule,
-        config.lr,
-        config.epochs,
-        warmup_epochs=config.warmup_epochs,
-        per_step=config.per_step,
-        milestones=config.milestones,
-        gamma=config.gamma,
-    )
+    model, method, optimizer, schedule = _build(config, data)
     history: list[dict[str, float]] = []
     start_epoch, best_acc, best_epoch = 0, -1.0, 0
     if ckpt is not None:
-        where = str(ckpt.path)
-        try:
-            model.load_state_dict(ckpt.model_state, strict=True)
-        except CheckpointError as exc:
-            raise CheckpointError(
-                f"checkpoint {where!r} does not fit model {config.model!r}: {exc}"
-            ) from None
-        try:
-            optimizer.load_state_dict(ckpt.optimizer_state)
-        except (ConfigError, TypeError, KeyError, AttributeError) as exc:
-            raise CheckpointError(f"checkpoint {where!r}: optimizer state does not fit: {exc}") from None
-        start_epoch = ckpt.epoch
-        history = [dict(row) for row in ckpt.metrics]
-        extra = ckpt.extra if isinstance(ckpt.extra, dict) else {}
-        method.load_state_dict(extra.get("method", {}))
-        best_acc = float(extra.get("best_acc", max((r["test_acc"] for r in history), default=-1.0)))
-        best_epoch = int(extra.get("best_epoch", 0))
+        start_epoch, history, best_acc, best_epoch = _restore(ckpt, config, model, method, optimizer)
 
     run_dir = Path(config.run_dir) if config.run_dir is not None else _default_run_dir(config)
     _check_run_dir(run_dir, resuming=ckpt is not None)
@@ -552,7 +757,7 @@ def train(
         raise ConfigError(f"cannot write to run_dir {str(run_dir)!r}: {exc.strerror or exc}") from None
     if history:
         _write_metrics(run_dir, history)
-    checkpoint_path = run_dir / "checkpoint.npz"
+    run = _Run(config, data, model, method, optimizer, schedule, run_dir, log, history, best_acc, best_epoch)
     end_epoch = config.epochs if stop_after is None else min(config.epochs, stop_after)
     if ckpt is not None:
         log(f"resuming {str(ckpt.path)!r} after epoch {start_epoch} of {config.epochs}")
@@ -561,96 +766,9 @@ def train(
         f"images of shape {tuple(data.x_train.shape[1:])}) for {config.epochs} epochs on {_device_text(config)}; "
         f"run dir {str(run_dir)!r}"
     )
-
     for epoch in range(start_epoch, end_epoch):
-        t_epoch = time.perf_counter()
-        try:
-            lr, train_loss, train_acc = _train_epoch(model, optimizer, schedule, data, config, epoch, method)
-            train_seconds = time.perf_counter() - t_epoch  # the steps alone (they end with a device read)
-        except DivergenceError as exc:
-            if checkpoint_path.exists() and epoch > 0:
-                raise DivergenceError(
-                    f"{exc}; the last good checkpoint is {str(checkpoint_path)!r}"
-                ) from None
-            raise
-        except KeyboardInterrupt:
-            if epoch > 0 and checkpoint_path.exists():
-                log(f"interrupted in epoch {epoch + 1}; continue with --resume {str(checkpoint_path)!r}")
-            raise
-        test_loss, test_acc = _evaluate_data(model, data, config.eval_batch_size)
-        if not math.isfinite(test_loss):  # the last update broke the weights: keep the old checkpoint
-            last_good = (
-                f"; the last good checkpoint is {str(checkpoint_path)!r}" if checkpoint_path.exists() else ""
-            )
-            raise DivergenceError(
-                f"training diverged at epoch {epoch + 1}: the test loss after the epoch is {test_loss} "
-                f"(lr {optimizer.param_groups[0]['lr']:g}); try a smaller lr{last_good}"
-            )
-        steps = max(1, -(-data.num_train // config.batch_size))
-        method_stats = method.end_epoch(
-            model, StepContext(epoch, steps, steps, config.epochs, _method_rng(config.seed, epoch))
-        )
-        row = {
-            "epoch": epoch + 1,
-            "lr": float(lr),
-            "train_loss": float(train_loss),
-            "train_acc": float(train_acc),
-            "test_loss": float(test_loss),
-            "test_acc": float(test_acc),
-            "sparsity": float(method_stats.get("sparsity", _weight_sparsity(model))),
-            "seconds": round(time.perf_counter() - t_epoch, 3),
-            "train_seconds": round(train_seconds, 3),
-        }
-        history.append(row)
-        improved = test_acc > best_acc
-        if improved:
-            best_acc, best_epoch = test_acc, epoch + 1
-        state = {
-            "model_state": model.state_dict(),
-            "optimizer_state": optimizer.state_dict(),
-            "config": config,
-            "epoch": epoch + 1,
-            "metrics": history,
-            "extra": {
-                "best_acc": best_acc,
-                "best_epoch": best_epoch,
-                "rng": {"seed": config.seed, "epoch": epoch + 1},
-                "method": method.state_dict(),
-            },
-        }
-        save_checkpoint(checkpoint_path, **state)
-        if method.keeps_trail:
-            (run_dir / "trail").mkdir(exist_ok=True)
-            save_checkpoint(run_dir / "trail" / f"epoch_{epoch + 1:03d}.npz", **state)
-        if method_stats:
-            _append_jsonl(run_dir / "layers.jsonl", {"epoch": epoch + 1, **method_stats})
-        if improved:
-            save_checkpoint(run_dir / "best.npz", **state)
-        _write_metrics(run_dir, history)
-        log(
-            f"epoch {epoch + 1:>3}/{config.epochs}  lr {lr:.4g}  train loss {train_loss:.4f} acc {train_acc:.2%}  "
-            f"test loss {test_loss:.4f} acc {test_acc:.2%}  sparsity {row['sparsity']:.2%}  ({row['seconds']:.1f}s)"
-        )
-
-    seconds = time.perf_counter() - t_start
-    model.to("cpu")  # the result (and the summary below) on the host, whatever trained it
-    if history:
-        metrics = dict(history[-1])
-    else:  # nothing left to train: report the restored model as it is
-        test_loss, test_acc = _evaluate_data(model, data, config.eval_batch_size)
-        metrics = {"epoch": start_epoch, "test_loss": test_loss, "test_acc": test_acc}
-    result = TrainResult(
-        config=config,
-        model=model,
-        metrics=metrics,
-        history=history,
-        best_acc=max(best_acc, 0.0),
-        best_epoch=best_epoch,
-        run_dir=run_dir,
-        seconds=seconds,
-    )
-    _summary(result, data, log)
-    return result
+        _run_epoch(run, epoch)
+    return _finish_run(run, start_epoch, t_start)
 
 
 def _device_text(config: TrainConfig) -> str:

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from reference.backend import is_device_array
+
 __all__ = ["Dense", "SparsityMethod", "StepContext", "ThresholdMethod"]
 
 
@@ -160,6 +162,51 @@ class ThresholdMethod(SparsityMethod):
             {"params": others, "weight_decay": self.weight_decay, "name": "weights"},
             {"params": thresholds, "weight_decay": self.threshold_decay, "name": "thresholds"},
         ]
+
+    # ------------------------------------------------------ the controller
+    # Everything below runs inside a training step (regularization, after_step)
+    # and reads nothing back from the GPU: counts, the sparsity and the
+    # controller's state stay on the weights' device (see reference.sparsity.control).
+
+    def placed_controller(self, model):
+        """The controller (or None), its state moved to where ``model``'s sparse weights live."""
+        if self.controller is not None:
+            layers = self.sparse_layers(model)
+            if layers:
+                self.controller.place(layers[0][1].weight.data)
+        return self.controller
+
+    def measured_sparsity(self, model) -> Any:
+        """Zeros of the effective weights over all weights of the sparse layers, as the controller sees it.
+
+        Each sparsifier's ``zero_count`` is an integer array on the weights'
+        device; the counts are summed there. On the host the result is a Python
+        float (exact integer counts, one division); on the GPU a 0-d float64
+        device array, never read back.
+        """
+        zeros: Any = 0
+        total = 0
+        for _, layer, sp in self.sparse_layers(model):
+            zeros = zeros + sp.zero_count(layer.weight)
+            total += int(layer.weight.size)  # a shape, known on the host
+        if not is_device_array(zeros):
+            zeros = int(zeros)
+        return zeros / max(total, 1)
+
+    def update_controller(self, model, ctx: StepContext) -> None:
+        """After an optimizer step: feed the measured sparsity to the controller (when one is on and due)."""
+        controller = self.placed_controller(model)
+        if controller is None or not controller.due(ctx.global_step):
+            return
+        controller.update(self.measured_sparsity(model), (ctx.global_step + 1) / max(ctx.total_steps, 1))
+
+    @staticmethod
+    def coefficient(value: Any, like) -> Any:
+        """A loss coefficient for Tensor ``like``: a host number as it is, a device value in ``like``'s dtype.
+
+        (A float64 device scalar would otherwise promote the float32 loss.)
+        """
+        return value.astype(like.dtype) if is_device_array(value) else value
 
     def state_dict(self) -> dict[str, Any]:
         return {} if self.controller is None else {"controller": self.controller.state_dict()}

@@ -67,10 +67,24 @@ targets 0.5 / 0.8 / 0.9; both methods end within about one point of the target):
   ``limit`` times its start.
 - Cheap: the measurement is one comparison per weight (``|W| <= g`` for STR,
   ``W^2 <= tau`` for LTP) after each step; the rest is a few float operations.
-- Deterministic and resumable: the state is five Python numbers
-  (:meth:`TargetController.state_dict`), saved with the method's state in every
+- On the device, every step, with no read: on the GPU the measurement (a count
+  summed over the layers on the device), the state and the arithmetic (2)-(6)
+  stay in GPU memory as 0-d float64 arrays, and the strength reaches the loss
+  as a 0-d array, so the controller never waits for the GPU. The alternative,
+  updating every K steps after one read of all layers' counts, was rejected:
+  the gains above were tuned per step (``kd`` acts on the change between
+  updates, ``max_step`` and ``ki`` are per update), so a coarser update would
+  need other gains and would steer a GPU run differently from a CPU run. On
+  the CPU the state stays Python floats (the arithmetic of ``math``); the same
+  code runs on both, dispatching only ``log``, ``sinh`` and ``clip``
+  (:meth:`TargetController.place` moves the state to the weights' device).
+- Deterministic and resumable: the state is five numbers
+  (:meth:`TargetController.state_dict` gives Python numbers, reading them from
+  the device when they live there), saved with the method's state in every
   checkpoint (JSON keeps Python floats exactly); the measurement is a count of
-  integers, so a resumed run repeats the uninterrupted one bit for bit.
+  integers, so a resumed run repeats the uninterrupted one bit for bit (on the
+  GPU too: the restored state is placed on the device before its first use, so
+  every value goes through the same device arithmetic as in the uninterrupted run).
 
 The methods apply the strength as a loss term: for STR the extra decay
 ``(strength - d) * 0.5 * sum(s^2)`` on top of the optimizer's decay ``d`` on the
@@ -84,12 +98,45 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
+from reference.backend import array_module, is_device_array, to_host
 from reference.errors import CheckpointError, ConfigError
 
 __all__ = ["TargetController", "cubic_ramp", "load_controller_state"]
 
 DENSITY_FLOOR = 1e-3  # delta in (2)
 _STATE_KEYS = ("u", "integral", "error", "measured", "updates")
+
+
+# The arithmetic of (2)-(6) on a Python float (the CPU: ``math``) or a 0-d array
+# (the GPU: the array's own module, so nothing is read back to the host).
+
+
+def _is_array(x: Any) -> bool:
+    """A NumPy or device array or a NumPy scalar (Python floats take the ``math`` path)."""
+    return isinstance(x, (np.ndarray, np.generic)) or is_device_array(x)
+
+
+def _log(x: Any) -> Any:
+    return array_module(x).log(x) if _is_array(x) else math.log(x)
+
+
+def _sinh(x: Any) -> Any:
+    return array_module(x).sinh(x) if _is_array(x) else math.sinh(x)
+
+
+def _clip(x: Any, low: float, high: float) -> Any:
+    """``min(max(x, low), high)``; for an array, the element-wise select (no comparison read on the host)."""
+    if _is_array(x):
+        xp = array_module(x)
+        return xp.minimum(xp.maximum(x, low), high)
+    return min(max(x, low), high)
+
+
+def _number(x: Any) -> float:
+    """A state value as a Python float (a device value is read back: checkpoints and logs only)."""
+    return float(to_host(x)) if _is_array(x) else float(x)
 
 
 def cubic_ramp(progress: float, target: float, ramp_end: float) -> float:
@@ -154,9 +201,30 @@ class TargetController:
         self.updates = 0
 
     @property
-    def strength(self) -> float:
-        """Equation (6): the current strength (negative: a push toward density)."""
-        return self.strength0 * math.sinh(self.u) / math.sinh(1.0)
+    def strength(self) -> Any:
+        """Equation (6): the current strength (negative: a push toward density).
+
+        A Python float on the CPU, a 0-d float64 array where the state lives on
+        the GPU (see :meth:`place`).
+        """
+        return self.strength0 * _sinh(self.u) / math.sinh(1.0)
+
+    def place(self, like: Any) -> None:
+        """Keep the state where ``like`` (an array of the model, e.g. a weight) lives.
+
+        For a device array, state values still on the host (a new controller,
+        one restored from a checkpoint) become 0-d float64 device arrays, a copy
+        to the device and no read; for a host array, device values come back as
+        Python floats. The methods call this before every use, so the state
+        follows the model when it is moved.
+        """
+        on_device = is_device_array(like)
+        for key in _STATE_KEYS[:-1]:  # "updates" is a count the host keeps
+            value = getattr(self, key)
+            if on_device and not is_device_array(value):
+                setattr(self, key, array_module(like).asarray(value, dtype=np.float64))
+            elif not on_device and _is_array(value):
+                setattr(self, key, _number(value))
 
     def ramp(self, progress: float) -> float:
         """Equation (1) for this controller's target and ramp end."""
@@ -166,23 +234,30 @@ class TargetController:
         """Whether the update after optimizer step ``global_step`` (0-based) is one of every ``every``."""
         return (global_step + 1) % self.every == 0
 
-    def update(self, measured: float, progress: float) -> float:
-        """Equations (2)-(6) for sparsity ``measured`` at ``progress``; returns the new strength."""
+    def update(self, measured: Any, progress: float) -> Any:
+        """Equations (2)-(6) for sparsity ``measured`` at ``progress``; returns the new strength.
+
+        ``measured`` is a Python float, or a 0-d array on the device where the
+        model lives (the state then follows it there and nothing is read back).
+        ``progress`` is a host number (it depends only on the step count).
+        """
         wanted = self.ramp(progress)
-        error = math.log((1.0 - measured + DENSITY_FLOOR) / (1.0 - wanted + DENSITY_FLOOR))  # (2)
-        self.integral = min(max(self.integral + self.ki * error, -self.u_max), self.u_max)  # (3)
+        error = _log((1.0 - measured + DENSITY_FLOOR) / (1.0 - wanted + DENSITY_FLOOR))  # (2)
+        self.integral = _clip(self.integral + self.ki * error, -self.u_max, self.u_max)  # (3)
         change = 0.0 if self.updates == 0 else error - self.error
         goal = 1.0 + self.kp * error + self.integral + self.kd * change  # (4)
-        step = min(max(goal - self.u, -self.max_step), self.max_step)  # (5)
-        self.u = min(max(self.u + step, -self.u_max), self.u_max)
+        step = _clip(goal - self.u, -self.max_step, self.max_step)  # (5)
+        self.u = _clip(self.u + step, -self.u_max, self.u_max)  # (5)
         self.error = error
-        self.measured = float(measured)
+        self.measured = measured if _is_array(measured) else float(measured)
         self.updates += 1
         return self.strength
 
     def state_dict(self) -> dict[str, Any]:
-        """The controller's state as plain numbers."""
-        return {key: getattr(self, key) for key in _STATE_KEYS}
+        """The controller's state as plain Python numbers (device values are read back)."""
+        state: dict[str, Any] = {key: _number(getattr(self, key)) for key in _STATE_KEYS[:-1]}
+        state["updates"] = int(self.updates)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
@@ -197,10 +272,11 @@ class TargetController:
 
     def log_row(self, progress: float) -> dict[str, float]:
         """What end_epoch reports about the controller: the ramp now, the strength and its factor."""
+        strength = _number(self.strength)
         return {
             "ramp_sparsity": self.ramp(progress),
-            "strength": self.strength,
-            "strength_factor": self.strength / self.strength0,
+            "strength": strength,
+            "strength_factor": strength / self.strength0,
         }
 
 

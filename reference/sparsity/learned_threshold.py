@@ -74,7 +74,7 @@ import numpy as np
 
 from reference import functional as F
 from reference.autodiff import Tensor
-from reference.backend import array_module, is_device_array
+from reference.backend import array_module, is_device_array, to_host
 from reference.errors import ConfigError
 from reference.nn import Module, Parameter
 from reference.nn.layers import WeightLayer
@@ -156,6 +156,12 @@ class LearnedThreshold(Module):
         """``[W^2 > tau]`` in the weight's dtype, an array (no gradient)."""
         w = weight.data
         return (w * w > self.tau.data).astype(w.dtype)
+
+    def zero_count(self, weight: Tensor) -> Any:
+        """Zeros of (4) (``W^2 <= tau``, or ``W`` exactly 0) as a 0-d integer array on the weight's device."""
+        w = weight.data
+        kept = (w * w > self.tau.data) & (w != 0)
+        return w.size - kept.sum()
 
     def logits(self, weight: Tensor) -> Any:
         """``z = (W^2 - tau) / T`` of (2), an array in float64 (no gradient)."""
@@ -258,26 +264,19 @@ class LTP(ThresholdMethod):
 
     def regularization(self, model: Module) -> Tensor | None:
         """Equation (3): ``lambda * sum_layers L0`` (None when lambda is 0)."""
-        lam = self.strength
-        if lam == 0.0:
+        self.placed_controller(model)
+        lam = self.strength  # on the GPU, with a controller, a device value: never compared
+        if not is_device_array(lam) and lam == 0.0:
             return None
         total = None
         for _, layer, sp in self.sparse_layers(model):
             term = sp.l0(layer.weight, weight_grad=self.l0_weight_grad)
             total = term if total is None else F.add(total, term)
-        return None if total is None else F.mul(total, lam)
+        return None if total is None else F.mul(total, self.coefficient(lam, total))
 
     def after_step(self, model: Module, ctx: StepContext) -> None:
-        """Measure the hard sparsity and update the controller (when one is on and due)."""
-        if self.controller is None or not self.controller.due(ctx.global_step):
-            return
-        zeros = total = 0
-        for _, layer, sp in self.sparse_layers(model):
-            w = layer.weight.data
-            kept = (w * w > sp.tau.data) & (w != 0)
-            zeros += int(w.size) - int(kept.sum())
-            total += int(w.size)
-        self.controller.update(zeros / max(total, 1), (ctx.global_step + 1) / max(ctx.total_steps, 1))
+        """Measure the hard sparsity and update the controller (when one is on and due), on the weights' device."""
+        self.update_controller(model, ctx)
 
     def end_epoch(self, model: Module, ctx: StepContext) -> dict[str, Any]:
         """Per layer and overall: hard sparsity, soft and hard density, band fraction
@@ -300,7 +299,7 @@ class LTP(ThresholdMethod):
             "soft_density": sums["soft"] / total,
             "hard_density": sums["hard"] / total,
             "band": sums["band"] / total,
-            "lambda": self.strength,
+            "lambda": float(to_host(self.strength)),
         }
         if self.controller is not None:
             row["controller"] = self.controller.log_row((ctx.epoch + 1) / max(ctx.epochs, 1))

@@ -24,6 +24,9 @@ deterministically: among entries of equal magnitude, the one that comes
 first is kept, where "first" is the flat (C-order) index within a layer and,
 for (4), the layer's position in :func:`~reference.nn.weight_layers` order
 before that. So exactly k (or K) entries are kept, whatever the ties.
+On the GPU the masks are chosen where the weights live, by a stable sort by
+descending magnitude (the same entries; nothing is read back to the host, so a
+mask update inside a training step does not wait for the GPU).
 
 Per-layer targets ``s``: the same ``target_sparsity`` in every layer (scope
 ``uniform``), or the layer's entry of a budget ``{layer: sparsity}`` (budget
@@ -70,7 +73,7 @@ import numpy as np
 
 from reference import functional as F
 from reference.autodiff import Tensor, no_grad
-from reference.backend import copy_into, to_host
+from reference.backend import array_module, copy_into, is_device_array, to_host
 from reference.errors import ConfigError
 from reference.nn import Module, weight_layers
 from reference.sparsity.base import SparsityMethod, StepContext
@@ -114,12 +117,16 @@ class FixedMask(Module):
     def forward(self, weight: Tensor) -> Tensor:
         return F.mul(weight, self.mask)  # (1); the mul backward gives (2)
 
-    def set_mask(self, keep: np.ndarray) -> None:
-        """Replace the mask's values with ``keep`` (bool or 0/1, the mask's shape), in place."""
-        keep = np.asarray(keep)
-        if keep.shape != tuple(self.mask.shape):
+    def set_mask(self, keep: Any) -> None:
+        """Replace the mask's values with ``keep`` (bool or 0/1, the mask's shape), in place.
+
+        ``keep`` may be a host array or an array on the mask's device (then
+        nothing is read back: the copy stays on the device).
+        """
+        keep = keep if is_device_array(keep) else np.asarray(keep)
+        if tuple(keep.shape) != tuple(self.mask.shape):
             raise ConfigError(
-                f"FixedMask: expected a mask of shape {tuple(self.mask.shape)}, got {keep.shape}"
+                f"FixedMask: expected a mask of shape {tuple(self.mask.shape)}, got {tuple(keep.shape)}"
             )
         copy_into(self.mask, keep)
 
@@ -149,13 +156,17 @@ def keep_count(size: int, sparsity: float, *, at_least_one: bool = True) -> int:
     return max(k, 1) if at_least_one and size > 0 else k
 
 
-def _top_k_flat(magnitude: np.ndarray, k: int) -> np.ndarray:
+def _top_k_flat(magnitude: Any, k: int) -> Any:
     """Bool mask of the k largest entries of the 1-D ``magnitude``; ties go to the lower index.
 
     Equivalent to a stable sort by descending magnitude taking the first k,
     done in O(n): everything above the k-th largest value ``v`` is kept,
     then the first (lowest-index) entries equal to ``v`` until k are kept.
+    A device array takes :func:`_top_k_flat_sorted` instead (the count of
+    entries above ``v`` would be a read back to the host).
     """
+    if is_device_array(magnitude):
+        return _top_k_flat_sorted(magnitude, k)
     n = magnitude.size
     if k >= n:
         return np.ones(n, dtype=bool)
@@ -168,28 +179,53 @@ def _top_k_flat(magnitude: np.ndarray, k: int) -> np.ndarray:
     return keep
 
 
-def top_k_mask(weight: Any, k: int) -> np.ndarray:
+def _top_k_flat_sorted(magnitude: Any, k: int) -> Any:
+    """:func:`_top_k_flat` by a stable sort, on ``magnitude``'s device and with no read back.
+
+    The stable sort of ``-magnitude`` lists the entries by descending
+    magnitude, equal ones in index order; the first k are kept, the same set
+    as :func:`_top_k_flat` chooses. O(n log n) instead of O(n), which is what
+    a GPU does well; ``k`` is a host number (it comes from shapes and settings).
+    """
+    xp = array_module(magnitude)
+    keep = xp.zeros(magnitude.size, dtype=bool)
+    if k > 0:
+        order = xp.argsort(-magnitude, kind="stable")  # (n,): largest first, ties by index
+        keep[order[:k]] = True  # a scatter of k indices: nothing is counted on the host
+    return keep
+
+
+def _as_array(weight: Any) -> Any:
+    """A weight's array where it lives: a device array stays there; anything else as a NumPy array."""
+    w = weight.data if isinstance(weight, Tensor) else weight
+    return w if is_device_array(w) else to_host(w)
+
+
+def top_k_mask(weight: Any, k: int) -> Any:
     """Bool array of ``weight``'s shape keeping exactly the ``k`` entries of largest ``|W|`` (3).
 
-    Ties: the entry with the lower flat (C-order) index is kept.
+    Ties: the entry with the lower flat (C-order) index is kept. The mask is
+    on the weight's device (a NumPy array for a host weight).
     """
-    w = to_host(weight.data if isinstance(weight, Tensor) else weight)
+    w = _as_array(weight)
     if not 0 <= k <= w.size:
         raise ConfigError(f"top_k_mask: k must be in [0, {w.size}], got {k}")
-    magnitude = np.abs(w).ravel()  # (...) -> (n,)
+    magnitude = abs(w).ravel()  # (...) -> (n,)
     return _top_k_flat(magnitude, k).reshape(w.shape)  # (n,) -> weight's shape
 
 
-def global_magnitude_masks(weights: list[Any], sparsity: float) -> list[np.ndarray]:
+def global_magnitude_masks(weights: list[Any], sparsity: float) -> list[Any]:
     """One threshold over all ``weights``: keep the K = round((1 - s) N) largest ``|W|`` overall (4).
 
     Ties: the entry that comes first in the concatenation (layer order, then
-    flat index) is kept, so exactly K entries survive in total.
+    flat index) is kept, so exactly K entries survive in total. The masks are
+    on the weights' device (all weights must live on one).
     """
-    arrays = [to_host(w.data if isinstance(w, Tensor) else w) for w in weights]
+    arrays = [_as_array(w) for w in weights]
     total = sum(a.size for a in arrays)
     k = keep_count(total, sparsity, at_least_one=False)
-    magnitude = np.concatenate([np.abs(a).ravel() for a in arrays])  # [(n_l,) ...] -> (N,)
+    xp = array_module(arrays[0]) if arrays else np
+    magnitude = xp.concatenate([abs(a).ravel() for a in arrays])  # [(n_l,) ...] -> (N,)
     keep = _top_k_flat(magnitude, k)
     masks, offset = [], 0
     for a in arrays:

@@ -44,7 +44,7 @@ import numpy as np
 
 from reference import functional as F
 from reference.autodiff import Tensor, no_grad
-from reference.backend import array_module
+from reference.backend import array_module, is_device_array, to_host
 from reference.errors import ConfigError
 from reference.nn import Module, Parameter
 from reference.nn.layers import WeightLayer
@@ -76,6 +76,12 @@ class SoftThreshold(Module):
         s = self.s.data
         e = array_module(s).exp(-abs(s))  # exp of a non-positive number: no overflow for any s
         return ((s >= 0) / (1 + e) + (s < 0) * (e / (1 + e))).astype(s.dtype)
+
+    def zero_count(self, weight: Tensor) -> Any:
+        """Zeros in ``W_eff`` (``|W| <= g``) as a 0-d integer array on the weight's device (no read)."""
+        with no_grad():
+            w_eff = self(weight).data
+        return (w_eff == 0).sum()
 
     def weight_sparsity(self, weight: Tensor) -> tuple[int, int]:
         """(zeros in ``W_eff``, weights): the layer's sparsity as integer counts."""
@@ -133,23 +139,21 @@ class STR(ThresholdMethod):
 
     def regularization(self, model: Module) -> Tensor | None:
         """With a controller: ``(c - d) * 0.5 * sum_l sum(s_l^2)``, so the decay on ``s`` totals ``c``."""
-        if self.controller is None:
+        controller = self.placed_controller(model)
+        if controller is None:
             return None
-        extra = self.controller.strength - self.threshold_decay
-        if extra == 0.0:
+        extra = controller.strength - self.threshold_decay  # on the GPU a device value: never compared
+        if not is_device_array(extra) and extra == 0.0:
             return None
         total = None
         for _, _, sp in self.sparse_layers(model):
             term = F.sum(F.mul(sp.s, sp.s))
             total = term if total is None else F.add(total, term)
-        return None if total is None else F.mul(total, 0.5 * extra)
+        return None if total is None else F.mul(total, self.coefficient(0.5 * extra, total))
 
     def after_step(self, model: Module, ctx: StepContext) -> None:
-        """Measure the sparsity and update the controller (when one is on and due)."""
-        if self.controller is None or not self.controller.due(ctx.global_step):
-            return
-        zeros, total = self._count(model)
-        self.controller.update(zeros / max(total, 1), (ctx.global_step + 1) / max(ctx.total_steps, 1))
+        """Measure the sparsity and update the controller (when one is on and due), on the weights' device."""
+        self.update_controller(model, ctx)
 
     def end_epoch(self, model: Module, ctx: StepContext) -> dict[str, Any]:
         """Per layer: sparsity, threshold ``g`` (mean over channels), weights; overall sparsity,
@@ -170,21 +174,14 @@ class STR(ThresholdMethod):
         row: dict[str, Any] = {
             "sparsity": zeros_all / max(total_all, 1),
             "target_sparsity": self.target_sparsity,
-            "threshold_decay": self.threshold_decay if self.controller is None else self.controller.strength,
+            "threshold_decay": (
+                self.threshold_decay if self.controller is None else float(to_host(self.controller.strength))
+            ),
         }
         if self.controller is not None:
             row["controller"] = self.controller.log_row((ctx.epoch + 1) / max(ctx.epochs, 1))
         row["layers"] = layers
         return row
-
-    # ---------------------------------------------------------------- helpers
-    def _count(self, model: Module) -> tuple[int, int]:
-        zeros_all = total_all = 0
-        for _, layer, sp in self.sparse_layers(model):
-            zeros, total = sp.weight_sparsity(layer.weight)
-            zeros_all += zeros
-            total_all += total
-        return zeros_all, total_all
 
 
 def from_config(config: Any) -> STR:
