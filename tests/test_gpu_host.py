@@ -106,8 +106,7 @@ def test_flat_grid_covers_the_elements_and_caps_the_blocks():
 
 
 # --------------------------------------------------------------------------- bf16 operands
-@pytest.mark.gpu
-def test_a_bf16_operand_rounded_once_gives_the_bits_of_rounding_per_call():
+def test_a_bf16_operand_rounded_once_gives_the_bits_of_rounding_per_call(gpu_backend):
     import cupy
 
     from gpu import blas, runtime
@@ -129,7 +128,6 @@ def test_a_bf16_operand_rounded_once_gives_the_bits_of_rounding_per_call():
         np.testing.assert_array_equal(blas.gemm(a16, b).get(), blas.gemm(rounded, b).get())
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize(
     "shape, kernel, groups, stride, padding",
     [
@@ -141,7 +139,7 @@ def test_a_bf16_operand_rounded_once_gives_the_bits_of_rounding_per_call():
     ids=["general", "grouped", "pointwise", "pointwise-strided"],
 )
 def test_conv_weight_rounded_once_per_forward_gives_the_bits_of_rounding_per_call(
-    monkeypatch, shape, kernel, groups, stride, padding
+    gpu_backend, monkeypatch, shape, kernel, groups, stride, padding
 ):
     import cupy
 

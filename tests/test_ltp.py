@@ -295,13 +295,24 @@ def test_resume_with_a_controller_is_bit_identical(tmp_path):
 # ------------------------------------------------------------- tiny temperatures, both kernel sets
 # reference.ops.sparsity, "Tiny temperatures": T_w (T in w's dtype) divides last and (8), (10),
 # (12), (14) saturate at the dtype's largest finite value (23); a T that rounds to 0 is rejected.
-KERNEL_SETS = ["reference", pytest.param("gpu", marks=pytest.mark.gpu)]
 TINY = [
     (np.float32, 5.8e-39),  # just below 2 / max(float32) = 5.88e-39: 2/T overflows
     (np.float32, 1e-45),  # the smallest positive float32 (a subnormal)
     (np.float64, 1e-310),  # a float64 subnormal
     (np.float64, 5e-324),  # the smallest positive float64
 ]
+
+
+@pytest.fixture(params=["reference", pytest.param("gpu", marks=pytest.mark.gpu), "emulated"])
+def kernel_set(request):
+    """The kernel set under test: the reference, the twin on a GPU, or the twin on the emulated device."""
+    if request.param != "emulated":
+        yield request.param
+        return
+    from tests import emulation
+
+    with emulation.device():
+        yield "gpu"
 
 
 def _kernel_set(name: str):
@@ -323,7 +334,6 @@ def _saturated(value: np.ndarray, dtype) -> np.ndarray:
     return np.clip(np.asarray(value, np.float64), -big, big).astype(dtype)
 
 
-@pytest.mark.parametrize("kernel_set", KERNEL_SETS)
 @pytest.mark.parametrize("dtype, temperature", TINY)
 def test_ltp_at_a_tiny_temperature_gives_finite_gradients_that_saturate_at_the_threshold(
     kernel_set, dtype, temperature
@@ -369,7 +379,6 @@ def test_the_tiny_temperature_cases_reach_both_regimes():
     assert all(2.0 / float(d(t)) > float(np.finfo(d).max) for d, t in TINY)
 
 
-@pytest.mark.parametrize("kernel_set", KERNEL_SETS)
 @pytest.mark.parametrize("forward", ["ltp_mask_forward", "ltp_l0_forward"])
 def test_ltp_rejects_a_temperature_that_rounds_to_zero_in_the_weights_dtype(kernel_set, forward):
     ops, to_device, _ = _kernel_set(kernel_set)
