@@ -53,11 +53,18 @@ time when the GPU is the bottleneck, launch gaps included when the host is. Host
 batch 2, image 32, 1 warm-up step, 1 timed step, 1 round (the profile then times NumPy kernels
 with ``time.perf_counter``). Its numbers mean nothing.
 
+``--frameworks ours`` runs our side alone (no PyTorch needed): the quick real-size smoke of
+``benchmarks/gpu_check.py`` uses it. ``--emulate`` runs our side on the device through the tests'
+CPU execution mode (``tests/emulation``: the twin's CUDA kernels compiled for the host, a stand-in
+CuPy), so the whole device path of this script is exercised without a GPU; it needs the repository
+root on ``PYTHONPATH``, implies ``--frameworks ours`` and its numbers mean nothing either.
+
 Usage (from the repository root; the project need not be installed)::
 
     PYTHONPATH=. python benchmarks/gpu_throughput.py [--models resnet50,mobilenet_v1]
         [--methods dense,str] [--precisions tf32,bf16] [--batch 256] [--warmup 3] [--steps 10]
         [--rounds 3] [--profile [resnet50/str/tf32]] [--out benchmarks/results/gpu_throughput.json]
+        [--frameworks ours,torch] [--smoke | --emulate]
 
 Exit status: 0 when every configuration ran, 1 when one failed (its JSON entry holds the error),
 2 for bad arguments or a missing GPU.
@@ -72,6 +79,7 @@ import functools
 import gc
 import hashlib
 import json
+import math
 import os
 import platform
 import shlex
@@ -91,6 +99,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 MODELS = ("resnet50", "mobilenet_v1")
+FRAMEWORKS = ("ours", "torch")
 METHODS = ("dense", "str")
 PRECISIONS = ("tf32", "bf16", "fp32")
 NUM_CLASSES = 1000
@@ -112,6 +121,9 @@ class Settings(NamedTuple):
     profile_steps: int
     cudnn_benchmark: bool
     channels_last: bool
+    frameworks: tuple[str, ...] = FRAMEWORKS
+    width: float = 1.0  # our models' channel multiplier (PyTorch's twins exist at 1.0 only)
+    num_classes: int = NUM_CLASSES
 
 
 class Config(NamedTuple):
@@ -241,7 +253,8 @@ class OursRun:
 
             runtime.set_precision(config.precision)
         model = build_model(
-            config.model, num_classes=NUM_CLASSES, in_channels=3, rng=np.random.default_rng(SEED),
+            config.model, num_classes=settings.num_classes, in_channels=3, width=settings.width,
+            rng=np.random.default_rng(SEED),
             dtype=np.float32,
         )  # fmt: skip
         # The dense initial weights, for PyTorch (taken before a method adds its own parameters).
@@ -316,8 +329,10 @@ def torch_model(name: str, num_classes: int):
         return _torch_models().MobileNetV1(num_classes), "defined in benchmarks/torch_models.py"
     try:
         import torchvision
-    except ImportError:
-        return _torch_models().ResNet50(num_classes), "defined in benchmarks/torch_models.py (no torchvision)"
+    except Exception as exc:  # absent, or an install that does not match torch
+        return _torch_models().ResNet50(num_classes), (
+            f"defined in benchmarks/torch_models.py (torchvision not usable: {type(exc).__name__})"
+        )
     return torchvision.models.resnet50(weights=None, num_classes=num_classes), (
         f"torchvision {torchvision.__version__} models.resnet50"
     )
@@ -352,7 +367,7 @@ class TorchRun:
 
         self.torch = torch
         self.device = settings.device
-        model, self.source = torch_model(config.model, NUM_CLASSES)
+        model, self.source = torch_model(config.model, settings.num_classes)
         model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in initial_state.items()}, strict=True)
         if config.method == "str":
             s_init = TrainConfig().str_s_init
@@ -592,26 +607,27 @@ def profile_table(profile: dict[str, Any]) -> str:
 
 
 # ====================================================================== driver
-def synthetic_batch(batch: int, image: int):
-    """Standard-normal images and uniform labels over NUM_CLASSES, from SEED + 1 (host arrays)."""
+def synthetic_batch(batch: int, image: int, num_classes: int = NUM_CLASSES):
+    """Standard-normal images and uniform labels over ``num_classes``, from SEED + 1 (host arrays)."""
     import numpy as np
 
     rng = np.random.default_rng(SEED + 1)
     x = rng.standard_normal((batch, 3, image, image), dtype=np.float32)
-    labels = rng.integers(0, NUM_CLASSES, batch).astype(np.int64)
+    labels = rng.integers(0, num_classes, batch).astype(np.int64)
     return x, labels
 
 
 def run_configuration(config: Config, batch_size: int, settings: Settings) -> dict[str, Any]:
     """Build both frameworks' runs for ``config`` at ``batch_size``, alternate the rounds, maybe profile."""
-    batch = synthetic_batch(batch_size, settings.image)
+    batch = synthetic_batch(batch_size, settings.image, settings.num_classes)
     release_device_memory(settings.device)
     ours = OursRun(config, batch, settings)
-    theirs = TorchRun(config, batch, settings, ours.initial_state)
+    theirs = TorchRun(config, batch, settings, ours.initial_state) if "torch" in settings.frameworks else None
     ours.initial_state = None
-    rounds: dict[str, list[dict[str, Any]]] = {"ours": [], "torch": []}
+    runs = (ours,) if theirs is None else (ours, theirs)
+    rounds: dict[str, list[dict[str, Any]]] = {run.framework: [] for run in runs}
     for index in range(settings.rounds):
-        for run in (ours, theirs):
+        for run in runs:
             result = time_round(run, settings, batch_size)
             rounds[run.framework].append(result)
             memory = result["memory"]
@@ -629,20 +645,29 @@ def run_configuration(config: Config, batch_size: int, settings: Settings) -> di
         "precision": config.precision,
         "batch": batch_size,
         "input_shape": [batch_size, 3, settings.image, settings.image],
-        "num_parameters": {"ours": ours.num_parameters, "torch": theirs.num_parameters},
-        "torch_model": theirs.source,
-        "torch_flags": theirs.flags,
+        "width": settings.width,
+        "num_classes": settings.num_classes,
+        "num_parameters": {"ours": ours.num_parameters},
         "ours": summarize_rounds(rounds["ours"]),
-        "torch": summarize_rounds(rounds["torch"]),
     }
-    entry["ratio_torch_over_ours"] = entry["torch"]["images_per_s"] / entry["ours"]["images_per_s"]
-    a, b = rounds["ours"][0]["first_loss"], rounds["torch"][0]["first_loss"]
-    entry["initial_loss"] = {
-        "ours": a,
-        "torch": b,
-        "relative_difference": abs(a - b) / max(abs(a), abs(b), 1e-30),
-        "what": "loss of the first step from the same weights and batch (informational: precision differs)",
-    }
+    a = rounds["ours"][0]["first_loss"]
+    entry["initial_loss"] = {"ours": a, "what": "loss of the first step from the reference initial weights"}
+    entry["finite_losses"] = all(
+        math.isfinite(r[key]) for r in rounds["ours"] for key in ("first_loss", "last_loss")
+    )
+    if theirs is not None:
+        entry["num_parameters"]["torch"] = theirs.num_parameters
+        entry["torch_model"] = theirs.source
+        entry["torch_flags"] = theirs.flags
+        entry["torch"] = summarize_rounds(rounds["torch"])
+        entry["ratio_torch_over_ours"] = entry["torch"]["images_per_s"] / entry["ours"]["images_per_s"]
+        b = rounds["torch"][0]["first_loss"]
+        entry["initial_loss"] = {
+            "ours": a,
+            "torch": b,
+            "relative_difference": abs(a - b) / max(abs(a), abs(b), 1e-30),
+            "what": "loss of the first step from the same weights and batch (informational: precision differs)",
+        }
     if settings.profile == config.key:
         print(f"  profiling {settings.profile_steps} steps of ours", flush=True)
         ours.reset_memory()
@@ -693,6 +718,11 @@ def markdown_table(entries: list[dict[str, Any]]) -> str:
         def gib(value):
             return "-" if value is None else f"{value:.2f}"
 
+        if "torch" not in e:
+            lines.append(
+                f"{head} {e['ours']['images_per_s']:.1f} | not run | - | {gib(e['ours']['peak_gib'])} | - |"
+            )
+            continue
         lines.append(
             f"{head} {e['ours']['images_per_s']:.1f} | {e['torch']['images_per_s']:.1f} | "
             f"{e['ratio_torch_over_ours']:.2f} | {gib(e['ours']['peak_gib'])} | "
@@ -741,7 +771,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="check the script on the CPU: batch 2, image 32, 1 warm-up, 1 step, 1 round "
         "(its numbers mean nothing)",
     )  # fmt: skip
+    parser.add_argument(
+        "--frameworks", default=",".join(FRAMEWORKS),
+        help=f"comma-separated, of {', '.join(FRAMEWORKS)} (default both; ours alone needs no PyTorch)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--emulate", action="store_true",
+        help="run our side through the tests' CPU execution mode of the twin (no GPU; implies "
+        "--frameworks ours; needs the repository root on PYTHONPATH; its numbers mean nothing)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--width", type=float, default=1.0,
+        help="our models' channel multiplier (default 1.0; other widths need --frameworks ours)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--num-classes", type=int, default=NUM_CLASSES, help=f"classifier outputs (default {NUM_CLASSES})"
+    )
     args = parser.parse_args(argv)
+    if args.smoke and args.emulate:
+        fail("--smoke and --emulate exclude each other")
+    args.frameworks = tuple(comma_list(args.frameworks, FRAMEWORKS, "--frameworks"))
+    if args.emulate:
+        args.frameworks = ("ours",)
+    if "ours" not in args.frameworks:
+        fail(f"--frameworks must include ours, got {','.join(args.frameworks)}")
+    if not args.width > 0 or args.num_classes < 2:
+        fail(f"--width must be > 0 and --num-classes >= 2, got {args.width} and {args.num_classes}")
+    if args.width != 1.0 and "torch" in args.frameworks:
+        fail(f"--width {args.width}: PyTorch's twins are built at width 1.0; add --frameworks ours")
     args.models = comma_list(args.models, MODELS, "--models")
     args.methods = comma_list(args.methods, METHODS, "--methods")
     args.precisions = comma_list(args.precisions, PRECISIONS, "--precisions")
@@ -768,12 +825,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def check_devices(smoke: bool) -> str:
+def check_devices(smoke: bool, frameworks: tuple[str, ...] = FRAMEWORKS) -> str:
     """The device both frameworks use: "cpu" for --smoke, else "cuda" once CuPy and PyTorch see a GPU."""
-    try:
-        import torch
-    except ImportError as exc:
-        fail(f"PyTorch is needed for the side-by-side figures: {exc}")
+    use_torch = "torch" in frameworks
+    if use_torch:
+        try:
+            import torch
+        except ImportError as exc:
+            fail(f"PyTorch is needed for the side-by-side figures: {exc}; or run --frameworks ours")
     if smoke:
         return "cpu"
     from gpu import runtime
@@ -781,36 +840,38 @@ def check_devices(smoke: bool) -> str:
     why = runtime.unavailable_reason()
     if why is not None:
         fail(f"no GPU for our side: {why}; use --smoke to check the script on the CPU")
-    if not torch.cuda.is_available():
+    if use_torch and not torch.cuda.is_available():
         fail("PyTorch sees no CUDA GPU (a CPU-only build?); use --smoke to check the script on the CPU")
     runtime.require()
     return "cuda"
 
 
-def versions(device: str) -> dict[str, Any]:
+def versions(device: str, frameworks: tuple[str, ...] = FRAMEWORKS) -> dict[str, Any]:
     import numpy as np
-    import torch
 
-    info: dict[str, Any] = {
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "torch_cudnn": torch.backends.cudnn.version() if device == "cuda" else None,
-        "torch_device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-    }
+    info: dict[str, Any] = {"python": platform.python_version(), "numpy": np.__version__}
+    if "torch" in frameworks:
+        import torch
+
+        info.update(
+            torch=torch.__version__,
+            torch_cuda=torch.version.cuda,
+            torch_cudnn=torch.backends.cudnn.version() if device == "cuda" else None,
+            torch_device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        )
     try:
         import cupy
 
         info["cupy"] = cupy.__version__
     except ImportError:
         info["cupy"] = None
-    try:
-        import torchvision
+    if "torch" in frameworks:
+        try:
+            import torchvision
 
-        info["torchvision"] = torchvision.__version__
-    except ImportError:
-        info["torchvision"] = None
+            info["torchvision"] = torchvision.__version__
+        except Exception as exc:  # absent, or an install that does not match torch
+            info["torchvision"] = f"not usable ({type(exc).__name__}: {exc})"
     try:
         import ml_dtypes
 
@@ -820,25 +881,42 @@ def versions(device: str) -> dict[str, Any]:
     return info
 
 
+def emulated_device() -> contextlib.AbstractContextManager:
+    """The tests' CPU execution mode of the twin, as a context (one clear line if it cannot be imported)."""
+    try:
+        from tests import emulation
+    except ImportError as exc:
+        fail(f"--emulate needs the repository root on PYTHONPATH (tests/emulation): {exc}")
+    return emulation.device()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = check_devices(args.smoke)
+    with emulated_device() if args.emulate else contextlib.nullcontext():
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = check_devices(args.smoke, args.frameworks)
     settings = Settings(
         device=device, image=args.image, batch=args.batch, warmup=args.warmup, steps=args.steps,
         rounds=args.rounds, profile=args.profile, profile_steps=args.profile_steps,
         cudnn_benchmark=not args.no_cudnn_benchmark, channels_last=args.torch_channels_last,
+        frameworks=args.frameworks, width=args.width, num_classes=args.num_classes,
     )  # fmt: skip
     out = args.out if args.out.is_absolute() else Path.cwd() / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "benchmark": "training throughput and peak memory, CuPy twin vs PyTorch on the same GPU",
         "smoke": args.smoke,
+        "emulated": args.emulate,
+        "frameworks": list(args.frameworks),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv]),
         "argv": sys.argv,
         "cwd": os.getcwd(),
         "device": device_record(device),
-        "versions": versions(device),
+        "versions": versions(device, args.frameworks),
         "machine": machine_info(),
         "code": source_state(),
         "step": {
@@ -846,7 +924,7 @@ def main(argv: list[str] | None = None) -> int:
             "zero_grad, backward, SGD update",
             "optimizer": {"name": "SGD", "lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY},
             "data": f"one synthetic batch on the device: standard-normal images, uniform labels over "
-            f"{NUM_CLASSES} classes (seed {SEED + 1}); label smoothing 0",
+            f"{args.num_classes} classes (seed {SEED + 1}); label smoothing 0",
             "weights": f"reference initialisation (seed {SEED}), loaded into PyTorch by name (strict)",
         },
         "timing": {
