@@ -32,7 +32,9 @@
    size and batch stay: at 32x32 or a batch of 2, ResNet-50's last batch norms
    see 2 values per channel and the gradients lose the digits compared here.
 2. ``learnsparse``'s training loop on ``--device cuda`` with each method, then
-   the checkpoint evaluated, reported and exported on the CPU (device only).
+   the checkpoint evaluated, reported, finalized, exported and resumed on the
+   CPU; the digits run on both devices; an imagefolder tree on the device. These
+   run on the device and on the emulated one (about a minute in all in CI).
 """
 
 from __future__ import annotations
@@ -150,9 +152,8 @@ def test_training_steps_agree_float64(model_name, method_name, gpu_backend):
             gpu.model.load_state_dict(state_c)  # re-align (see the module docstring)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("method_name", sorted(METHOD_SETTINGS))
-def test_train_on_gpu_then_use_the_checkpoint_on_cpu(method_name, tmp_path):
+def test_train_on_gpu_then_use_the_checkpoint_on_cpu(gpu_backend, method_name, tmp_path):
     """``train --device cuda`` writes the reference's checkpoint: eval, report, finalize, export on the CPU."""
     from reference.cli import main
     from reference.train import train
@@ -172,8 +173,7 @@ def test_train_on_gpu_then_use_the_checkpoint_on_cpu(method_name, tmp_path):
     assert resumed.history[-1]["epoch"] == 3
 
 
-@pytest.mark.gpu
-def test_device_run_matches_cpu_run_on_digits(tmp_path):
+def test_device_run_matches_cpu_run_on_digits(gpu_backend, tmp_path):
     """The same dense digits run on both devices ends at nearly the same accuracy (fp32 GEMMs)."""
     from reference.train import train
 
@@ -184,8 +184,7 @@ def test_device_run_matches_cpu_run_on_digits(tmp_path):
     assert abs(cpu.history[-1]["test_acc"] - gpu.history[-1]["test_acc"]) <= 0.01
 
 
-@pytest.mark.gpu
-def test_imagefolder_trains_on_gpu(tmp_path):
+def test_imagefolder_trains_on_gpu(gpu_backend, tmp_path):
     """An imagefolder tree: uint8 batches from the workers, normalised on the device."""
     from reference.train import train
     from tests.test_imagefolder import _make_tree
