@@ -28,20 +28,29 @@ full disk never leaves a half-written checkpoint in place of a good one.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from reference.backend import to_host
+from reference.backend import array_module, to_host
 from reference.errors import CheckpointError
 from reference.files import atomic_target
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "Checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "Checkpoint",
+    "check_finite",
+    "first_non_finite",
+    "load_checkpoint",
+    "save_checkpoint",
+]
 
 FORMAT_NAME = "learnsparse-checkpoint"
 FORMAT_VERSION = 1
@@ -237,3 +246,62 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{where!r} has incomplete checkpoint metadata (missing {exc})") from None
+
+
+# ---------------------------------------------------------------------------
+# Finiteness: a diverged run's arrays are never used
+
+
+def first_non_finite(named: Iterable[tuple[str, Any]]) -> str | None:
+    """The name of the first floating array in ``named`` that holds a NaN or an infinity, else None.
+
+    One reduction per array (``isfinite(a).all()``) on the array's own backend;
+    the flags of GPU arrays are stacked and read back to the host once, so
+    checking a whole model on the device costs one synchronisation. Integer and
+    boolean arrays cannot hold a NaN and are skipped.
+    """
+    names: list[str] = []
+    flags: list[Any] = []  # host bools, or 0-d device booleans (read below, all at once)
+    for name, array in named:
+        if array is None or getattr(array, "dtype", None) is None or array.dtype.kind not in "fc":
+            continue
+        xp = array_module(array)
+        names.append(name)
+        flags.append(xp.isfinite(array).all() if xp is not np else bool(np.isfinite(array).all()))
+    on_device = [i for i, flag in enumerate(flags) if not isinstance(flag, bool)]
+    if on_device:
+        xp = array_module(flags[on_device[0]])
+        read = to_host(xp.stack([flags[i] for i in on_device]))  # the one host read
+        for i, ok in zip(on_device, read.tolist()):
+            flags[i] = bool(ok)
+    return next((name for name, ok in zip(names, flags) if not ok), None)
+
+
+def _named_arrays(tree: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+    """Every array inside a nested state (dicts, lists), named by its path below ``prefix``."""
+    if hasattr(tree, "shape") and hasattr(tree, "dtype"):
+        yield prefix, tree
+    elif isinstance(tree, Mapping):
+        for key, value in tree.items():
+            yield from _named_arrays(value, f"{prefix}.{key}")
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            yield from _named_arrays(value, f"{prefix}[{i}]")
+
+
+def check_finite(ckpt: Checkpoint) -> Checkpoint:
+    """``ckpt`` itself when its model and optimizer arrays are all finite; else CheckpointError.
+
+    The error names the checkpoint and the first array that holds a NaN or an
+    infinity (model arrays by their dotted name, optimizer arrays as
+    ``optimizer.<path>``): such a checkpoint was saved by a run that diverged,
+    and nothing computed from it would mean anything.
+    """
+    named = itertools.chain(ckpt.model_state.items(), _named_arrays(ckpt.optimizer_state, "optimizer"))
+    bad = first_non_finite(named)
+    if bad is not None:
+        raise CheckpointError(
+            f"checkpoint {str(ckpt.path)!r} holds non-finite values (NaN or infinity) in {bad!r}: "
+            "it was saved by a run that diverged; train again with a smaller lr"
+        )
+    return ckpt

@@ -42,6 +42,7 @@ from reference.autodiff import as_array, no_grad
 from reference.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from reference.config import TrainConfig
 from reference.errors import CheckpointError, ConfigError
+from reference.files import refuse_overwriting_inputs
 from reference.nn import Module, weight_layers
 
 __all__ = [
@@ -241,7 +242,7 @@ def load_model_from_checkpoint(ckpt: str | Path | Checkpoint, *, data: Any = Non
         ckpt = load_checkpoint(ckpt)
     where = str(ckpt.path)
     try:
-        config = TrainConfig.from_dict(ckpt.config, source=f"checkpoint {where!r} config")
+        config = TrainConfig.from_checkpoint(ckpt.config, source=f"checkpoint {where!r} config")
     except ConfigError as exc:
         raise CheckpointError(f"checkpoint {where!r} holds an unusable config: {exc}") from None
     record = finalized_record(ckpt)
@@ -295,12 +296,16 @@ def finalize_checkpoint(
 
     With ``trail_sparsity``, the snapshot of the run's trail (``trail/`` next
     to ``src``) chosen for that sparsity is finalized instead. Everything is
-    checked before ``dst`` is written; the write is atomic.
+    checked before ``dst`` is written; the write is atomic. A ``dst`` that is
+    ``src`` (or the trail snapshot read), by any path to it, is refused: the
+    training checkpoint would be lost.
     """
+    refuse_overwriting_inputs(dst, [src], "finalize")
     if trail_sparsity is not None:
         if not Path(src).is_file():
             raise CheckpointError(f"checkpoint {str(src)!r} does not exist")
         src = pick_trail_checkpoint(src, trail_sparsity)
+        refuse_overwriting_inputs(dst, [src], "finalize")
     restored = load_model_from_checkpoint(src)
     summary = finalize(restored.model)
     ckpt = restored.checkpoint
@@ -319,7 +324,7 @@ def finalize_checkpoint(
         dst,
         model_state=restored.model.state_dict(),
         optimizer_state=None,
-        config=restored.config.replace(method="dense"),
+        config=restored.config.replace(method="dense", target_sparsity=None),  # plain weights: no method left
         epoch=ckpt.epoch,
         metrics=ckpt.metrics,
         extra={FINALIZED_KEY: record},

@@ -7,11 +7,12 @@ One call to :func:`train` runs (or resumes) a whole run::
         for each batch (order and augmentation from default_rng([seed, epoch])):
             method.before_step(model, ctx)              a sparsity method's hooks
             loss = cross_entropy(model(x), y) + method.regularization(model)
-            zero_grad; backward; optimizer step         non-finite loss -> DivergenceError
+            zero_grad; backward; optimizer step         non-finite or exploding loss -> DivergenceError
             method.after_step(model, ctx)
+        parameters, last gradients, buffers finite?     else DivergenceError (see LOSS_LIMIT_FACTOR)
         evaluate on the test split (eval mode, no_grad, in batches)
         method.end_epoch(model, ctx)                    per-layer sparsity and thresholds
-        write metrics and the checkpoint (atomically)
+        write the epoch's records, then the checkpoint (the commit), then best.npz
 
 The sparsity method (``config.method``, :mod:`reference.sparsity`) draws its
 own randomness from ``default_rng([seed, epoch, 1])``.
@@ -39,16 +40,25 @@ The run directory holds::
     best.npz                   the epoch with the best test accuracy so far
     layers.jsonl               per-layer numbers of the sparsity method, one line per epoch
     trail/epoch_NNN.npz        a checkpoint per epoch, for methods that keep a trail (LTP)
+    .lock                      held (flock) while a process trains here
+
+An epoch's records are written before its checkpoint, which commits it; a
+resume first brings the directory back to the checkpoint's epoch, and a run
+that never committed an epoch removes what it wrote (:mod:`reference.rundir`).
+A resumed run trains in the directory that holds its checkpoint unless
+``run_dir`` names another.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import datetime
 import io
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -59,11 +69,12 @@ import numpy as np
 
 from reference.autodiff import Tensor, no_grad
 from reference.backend import array_module, check_device, device_of, to_device
-from reference.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from reference.checkpoint import Checkpoint, first_non_finite, load_checkpoint, save_checkpoint
 from reference.config import TrainConfig
 from reference.errors import CheckpointError, ConfigError, DataError, DivergenceError
 from reference.files import write_atomic
 from reference.functional import softmax_cross_entropy
+from reference.rundir import discard, held_lock, roll_back, run_home
 
 __all__ = [
     "METRIC_COLUMNS",
@@ -92,6 +103,18 @@ RESUMABLE_CHANGES = frozenset(
 # host synchronisation) only every this many steps, for the progress bar and
 # the divergence check, and at the end of the epoch.
 GPU_READ_EVERY = 25
+
+# The divergence guard stops a run, before anything of the epoch is written, when
+#   - the loss is not finite (the CPU reads it every step, the GPU every GPU_READ_EVERY steps), or
+#   - the epoch's mean task loss so far exceeds LOSS_LIMIT_FACTOR * ln(num_classes), a hundred
+#     times the loss of a uniform guess (checked where the loss is read: every step on the CPU,
+#     every GPU_READ_EVERY steps on the GPU, and at the end of the epoch's steps), or
+#   - after the epoch's steps, a parameter, a gradient of the last step or a buffer (batch-norm
+#     running statistics) holds a NaN or an infinity. A non-finite gradient of any earlier step
+#     has reached the parameters by then (SGD adds it in), so this check sees it too.
+# A healthy run starts near ln(num_classes) and goes down; a hundred times that is orders of
+# magnitude away and is only reached by a run whose weights are blowing up.
+LOSS_LIMIT_FACTOR = 100.0
 
 Log = Callable[[str], Any]
 
@@ -288,14 +311,42 @@ def _default_run_dir(config: TrainConfig) -> Path:
     return candidate
 
 
-def _check_run_dir(run_dir: Path, resuming: bool) -> None:
+def _run_dir_for(config: TrainConfig, ckpt: Checkpoint | None) -> Path:
+    """Where the run trains: the run directory the resumed checkpoint is in, unless
+    ``config.run_dir`` names another one (a changed setting); else ``config.run_dir``
+    or a new ``runs/...`` directory. A checkpoint's stored run_dir is never read
+    against the current directory."""
+    if ckpt is not None and config.run_dir in (None, _saved_config(ckpt).run_dir):
+        return run_home(ckpt.path)
+    return Path(config.run_dir) if config.run_dir is not None else _default_run_dir(config)
+
+
+def _check_run_dir(run_dir: Path, ckpt: Checkpoint | None) -> None:
+    """ConfigError unless ``run_dir`` can take this run: a fresh run needs a directory without a
+    checkpoint; a resumed one, a directory without one or with the very checkpoint it resumes."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run_dir {str(run_dir)!r} exists and is not a directory")
-    if not resuming and (run_dir / "checkpoint.npz").exists():
+    existing = run_dir / "checkpoint.npz"
+    if not existing.exists():
+        return
+    if ckpt is None:
         raise ConfigError(
             f"run_dir {str(run_dir)!r} already holds a run (checkpoint.npz); choose another run directory "
-            f"or continue it with --resume {str(run_dir / 'checkpoint.npz')!r}"
+            f"or continue it with --resume {str(existing)!r}"
         )
+    if not _same_file(existing, Path(ckpt.path)):
+        raise ConfigError(
+            f"run_dir {str(run_dir)!r} holds another checkpoint ({str(existing)!r}); resuming "
+            f"{str(ckpt.path)!r} there would overwrite that run: resume {str(existing)!r} itself, "
+            f"or give a new --run-dir to continue {str(ckpt.path)!r} in"
+        )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _weight_sparsity(model) -> float:
@@ -366,7 +417,7 @@ def _check_resume_config(saved: TrainConfig, config: TrainConfig, path: Path) ->
 
 def _saved_config(ckpt: Checkpoint) -> TrainConfig:
     try:
-        return TrainConfig.from_dict(ckpt.config, source=f"checkpoint {str(ckpt.path)!r} config")
+        return TrainConfig.from_checkpoint(ckpt.config, source=f"checkpoint {str(ckpt.path)!r} config")
     except ConfigError as exc:
         raise CheckpointError(f"checkpoint {str(ckpt.path)!r} holds an unusable config: {exc}") from None
 
@@ -482,11 +533,22 @@ def _train_epoch(model, optimizer, schedule, data, config: TrainConfig, epoch: i
     method_rng = _method_rng(config.seed, epoch)
     sums = _RunningSums(on_gpu)
 
+    loss_limit = LOSS_LIMIT_FACTOR * math.log(data.num_classes)
+
     def diverged(step: int, value: Any, where: str) -> DivergenceError:
         return DivergenceError(
             f"training diverged at epoch {epoch + 1}, {where} {step + 1}: the loss is {value} "
             f"(lr {optimizer.param_groups[0]['lr']:g}); try a smaller lr"
         )
+
+    def check_growth(step: int, mean_loss: float) -> None:
+        if mean_loss > loss_limit:
+            raise diverged(
+                step,
+                f"{mean_loss:.4g} on average, above {loss_limit:.4g} "
+                f"({LOSS_LIMIT_FACTOR:g} x ln {data.num_classes}, the loss of a uniform guess)",
+                "by step",
+            )
 
     try:
         for step, (xb, yb) in enumerate(bar):
@@ -500,14 +562,19 @@ def _train_epoch(model, optimizer, schedule, data, config: TrainConfig, epoch: i
                 objective, mean_loss = sums.read()  # the one host synchronisation of these steps
                 if not math.isfinite(objective):
                     raise diverged(step, objective, "by step")
+                check_growth(step, mean_loss)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
-            elif not on_gpu and step % 10 == 0:
-                bar.set_postfix(loss=f"{sums.read()[1]:.4f}", refresh=False)
+            elif not on_gpu:  # host numbers: the mean so far costs nothing to look at
+                mean_loss = sums.read()[1]
+                check_growth(step, mean_loss)
+                if step % 10 == 0:
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
     finally:
         bar.close()
     objective, mean_loss, accuracy = sums.totals()
     if on_gpu and not math.isfinite(objective):
         raise diverged(steps - 1, objective, "by step")
+    check_growth(steps - 1, mean_loss)
     return first_lr, mean_loss, accuracy
 
 
@@ -526,6 +593,7 @@ class _Run:
     history: list[dict[str, float]]
     best_acc: float = -1.0
     best_epoch: int = 0
+    committed: int = 0  # the epoch the run directory's checkpoint holds (0: none yet)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -576,6 +644,9 @@ def _restore(ckpt: Checkpoint, config: TrainConfig, model, method, optimizer):
     return ckpt.epoch, history, best_acc, int(extra.get("best_epoch", 0))
 
 
+# A diverging run overflows in NumPy (the CPU) long before the guard stops it: its warnings
+# would bury the guard's one line, so floating-point errors are silent inside an epoch.
+@np.errstate(over="ignore", invalid="ignore", divide="ignore")
 def _run_epoch(run: _Run, epoch: int) -> None:
     """Train epoch ``epoch`` (0-based), then :func:`_finish_epoch`."""
     t_epoch = time.perf_counter()
@@ -596,6 +667,27 @@ def _run_epoch(run: _Run, epoch: int) -> None:
     _finish_epoch(run, epoch, lr, train_loss, train_acc, t_epoch, train_seconds)
 
 
+def _check_finite_state(run: _Run, epoch: int) -> None:
+    """DivergenceError when a parameter, a last-step gradient or a buffer holds a NaN or an infinity.
+
+    One reduction per array on its device and one host read for all of them
+    (:func:`reference.checkpoint.first_non_finite`); called from
+    :func:`_finish_epoch`, before anything of the epoch is written.
+    """
+    model = run.model
+    named = [(name, p.data) for name, p in model.named_parameters()]
+    named += [(f"the gradient of {name}", p.grad) for name, p in model.named_parameters()]
+    named += list(model.named_buffers())
+    bad = first_non_finite(named)
+    if bad is not None:
+        path = run.checkpoint_path
+        last_good = f"; the last good checkpoint is {str(path)!r}" if path.exists() else ""
+        raise DivergenceError(
+            f"training diverged at epoch {epoch + 1}: {bad} holds a NaN or an infinity after the epoch's "
+            f"steps (lr {run.optimizer.param_groups[0]['lr']:g}); try a smaller lr{last_good}"
+        )
+
+
 def _finish_epoch(
     run: _Run,
     epoch: int,
@@ -614,6 +706,7 @@ def _finish_epoch(
     from reference.sparsity import StepContext
 
     config, model, method = run.config, run.model, run.method
+    _check_finite_state(run, epoch)
     test_loss, test_acc = _evaluate_data(model, run.data, config.eval_batch_size)
     if not math.isfinite(test_loss):  # the last update broke the weights: keep the old checkpoint
         path = run.checkpoint_path
@@ -654,18 +747,21 @@ def _finish_epoch(
             "method": method.state_dict(),
         },
     }
-    save_checkpoint(run.checkpoint_path, **state)
+    # The epoch's records first, the checkpoint last: it commits the epoch (reference.rundir).
     if method.keeps_trail:
         (run.run_dir / "trail").mkdir(exist_ok=True)
         save_checkpoint(run.run_dir / "trail" / f"epoch_{epoch + 1:03d}.npz", **state)
     if method_stats:
         _append_jsonl(run.run_dir / "layers.jsonl", {"epoch": epoch + 1, **method_stats})
-    if improved:
-        save_checkpoint(run.run_dir / "best.npz", **state)
     _write_metrics(run.run_dir, run.history)
+    save_checkpoint(run.checkpoint_path, **state)
+    run.committed = epoch + 1
+    if improved:  # after the commit: a resume rewrites it from the checkpoint if this write is lost
+        save_checkpoint(run.run_dir / "best.npz", **state)
     run.log(
         f"epoch {epoch + 1:>3}/{config.epochs}  lr {lr:.4g}  train loss {train_loss:.4f} acc {train_acc:.2%}  "
-        f"test loss {test_loss:.4f} acc {test_acc:.2%}  sparsity {row['sparsity']:.2%}  ({row['seconds']:.1f}s)"
+        f"test loss {test_loss:.4f} acc {test_acc:.2%}  "
+        f"{method.sparsity_label} {row['sparsity']:.2%}  ({row['seconds']:.1f}s)"
     )
 
 
@@ -745,19 +841,52 @@ def train(
     if ckpt is not None:
         start_epoch, history, best_acc, best_epoch = _restore(ckpt, config, model, method, optimizer)
 
-    run_dir = Path(config.run_dir) if config.run_dir is not None else _default_run_dir(config)
-    _check_run_dir(run_dir, resuming=ckpt is not None)
+    run_dir = _run_dir_for(config, ckpt)
+    _check_run_dir(run_dir, ckpt)
     config = config.replace(run_dir=str(run_dir))
 
-    # 2. The run directory and the loop.
+    # 2. The run directory, locked while this process trains there (reference.rundir).
+    created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_config(run_dir, config)
     except OSError as exc:
         raise ConfigError(f"cannot write to run_dir {str(run_dir)!r}: {exc.strerror or exc}") from None
-    if history:
-        _write_metrics(run_dir, history)
-    run = _Run(config, data, model, method, optimizer, schedule, run_dir, log, history, best_acc, best_epoch)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(held_lock(run_dir))
+            _check_run_dir(run_dir, ckpt)  # again, now that no other trainer can change it
+        except ConfigError:
+            if created:  # nothing of ours in it: leave no empty directory behind
+                with contextlib.suppress(OSError):
+                    run_dir.rmdir()
+            raise
+        run = _Run(
+            config, data, model, method, optimizer, schedule, run_dir, log, history, best_acc, best_epoch
+        )
+        run.committed = start_epoch
+        try:
+            return _train_locked(run, ckpt, start_epoch, stop_after, t_start)
+        except BaseException:
+            if ckpt is None and run.committed == 0:  # a run that never committed an epoch leaves nothing
+                discard(run_dir, created=created)
+            raise
+
+
+def _train_locked(
+    run: _Run, ckpt: Checkpoint | None, start_epoch: int, stop_after: int | None, t_start: float
+):
+    """The part of :func:`train` that runs with the run directory locked: bring the directory to
+    the checkpoint's epoch (:func:`reference.rundir.roll_back`), write the config, train."""
+    config, run_dir, data, log, history = run.config, run.run_dir, run.data, run.log, run.history
+    try:
+        roll_back(
+            run_dir, start_epoch, best_epoch=run.best_epoch, checkpoint=None if ckpt is None else ckpt.path
+        )
+        _write_config(run_dir, config)
+        if history:
+            _write_metrics(run_dir, history)
+    except OSError as exc:
+        raise ConfigError(f"cannot write to run_dir {str(run_dir)!r}: {exc.strerror or exc}") from None
     end_epoch = config.epochs if stop_after is None else min(config.epochs, stop_after)
     if ckpt is not None:
         log(f"resuming {str(ckpt.path)!r} after epoch {start_epoch} of {config.epochs}")

@@ -412,3 +412,31 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(str_run, tmp_path, monkeyp
     code, out, err = run(capsys, *[subs.get(a, a) for a in argv])
     one_line_error(code, err, *needles)
     assert listing(tmp_path) == before and listing(str_run) == run_before
+
+
+def test_a_run_with_a_target_finalizes_into_a_checkpoint_that_loads(tmp_path, capsys):
+    """The finalized config is plain (method dense, no target): it must load and evaluate."""
+    run_dir = tmp_path / "run"
+    assert (
+        main(["train", *TINY, "--method", "str", "--target-sparsity", "0.5", "--run-dir", str(run_dir)]) == 0
+    )
+    final = tmp_path / "final.npz"
+    code, _, err = run(capsys, "finalize", run_dir / "checkpoint.npz", "-o", final)
+    assert code == 0, err
+    assert load_checkpoint(final).config["target_sparsity"] is None
+    code, out, err = run(capsys, "eval", final)
+    assert code == 0 and "accuracy" in out, err
+
+
+def test_a_checkpoint_with_settings_its_run_ignored_still_loads(tmp_path, capsys):
+    """Earlier versions saved a target for dense/SCP and a data root for digits; they meant nothing then."""
+    run_dir = tmp_path / "run"
+    assert main(["train", *TINY, "--run-dir", str(run_dir)]) == 0
+    ckpt = load_checkpoint(run_dir / "checkpoint.npz")
+    config = dict(ckpt.config, target_sparsity=0.9, data_root="somewhere")
+    old = save_checkpoint(
+        tmp_path / "old.npz", model_state=ckpt.model_state, optimizer_state=None, config=config,
+        epoch=ckpt.epoch, metrics=ckpt.metrics, extra=ckpt.extra,
+    )  # fmt: skip
+    code, out, err = run(capsys, "eval", old)
+    assert code == 0 and "accuracy" in out, err
