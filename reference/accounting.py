@@ -30,7 +30,17 @@ from reference.autodiff import no_grad
 from reference.errors import ShapeError
 from reference.nn import Conv2d, GlobalAvgPool2d, Linear, Module
 
-__all__ = ["CostTotals", "LayerCost", "format_table", "profile", "summarize", "summarize_model", "totals"]
+__all__ = [
+    "CostTotals",
+    "LayerCost",
+    "MemoryEstimate",
+    "estimate_memory",
+    "format_table",
+    "profile",
+    "summarize",
+    "summarize_model",
+    "totals",
+]
 
 
 @dataclass(frozen=True)
@@ -242,6 +252,68 @@ def summarize(
     c = c if in_channels is None else in_channels
     h = h if input_size is None else input_size
     num_classes = spec.num_classes if num_classes is None else num_classes
+    if isinstance(num_classes, int) and num_classes > spec.num_classes:  # beyond the usual: may not fit
+        from reference.memory import require_memory
+
+        need = estimate_memory(model_name, (c, h, h), num_classes, width)
+        require_memory(
+            need.model_bytes,
+            f"{model_name} with {num_classes:,} classes ({need.parameters:,} float32 parameters)",
+        )
     model = build_model(model_name, num_classes=num_classes, in_channels=c, width=width)
     header = f"{model_name}: input {c}x{h}x{h}, {num_classes} classes, width {width:g}"
     return header + "\n\n" + summarize_model(model, (c, h, h))
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """A lower bound on the bytes a model needs, from its float32 arrays only.
+
+    parameters: every parameter of the model at the requested number of
+    classes; activations: per image, the outputs of its conv, fc and pool layers
+    (the ones backpropagation must keep).
+
+        model bytes     = 4 * parameters                                        (5)
+        training bytes  = 3 * 4 * parameters  (weights, gradients, momentum)
+                          + batch_size * 4 * activations                        (6)
+    """
+
+    parameters: int
+    activations: int
+
+    @property
+    def model_bytes(self) -> int:
+        return 4 * self.parameters  # (5)
+
+    def training_bytes(self, batch_size: int) -> int:
+        return 3 * 4 * self.parameters + batch_size * 4 * self.activations  # (6)
+
+
+def estimate_memory(
+    model_name: str,
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    width: float = 1.0,
+) -> MemoryEstimate:
+    """:class:`MemoryEstimate` of ``model_name`` for ``num_classes`` classes, without allocating it.
+
+    The model is built with two classes (its size then does not depend on the
+    request) and traced analytically on ``input_shape`` = (C, H, W). Only the
+    classifier, the model's last fc layer, grows with the classes: each class
+    adds one row of its weight and one bias entry.
+    """
+    from reference.models import build_model
+    from reference.models.common import check_model_args
+
+    c = int(input_shape[0])
+    check_model_args(model_name, num_classes, c, width)
+    small = build_model(model_name, num_classes=2, in_channels=c, width=width)
+    classifiers = [m for m in small.modules() if isinstance(m, Linear)]
+    per_class = 0
+    if classifiers:
+        fc = classifiers[-1]
+        per_class = fc.in_features + (1 if getattr(fc, "bias", None) is not None else 0)
+    parameters = sum(int(p.size) for p in small.parameters()) + (num_classes - 2) * per_class
+    rows = profile(small, tuple(input_shape))
+    activations = sum(int(np.prod(r.output_shape, dtype=object)) for r in rows) + (num_classes - 2)
+    return MemoryEstimate(parameters=parameters, activations=activations)

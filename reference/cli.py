@@ -17,23 +17,39 @@ checkpoint's config (with ``--resume``) < ``--config`` file < flags.
 
 Any problem with the input (a :class:`~reference.errors.LearnsparseError` or a
 bad flag) prints one line ``learnsparse: error: <message>`` on stderr and exits
-with status 2; Ctrl-C exits with status 130.
+with status 2; so does running out of memory. Ctrl-C exits with status 130 and
+SIGTERM with 143, each after one line, unwinding like any error. A
+closed output pipe (``learnsparse info resnet50 | head``) ends the command
+quietly with status 141, what a shell reports for a process ended by SIGPIPE
+(128 + 13), as ``cat`` or ``yes`` would.
+
+Flags are matched only by their full names (``--epoch`` is not ``--epochs``),
+and a negative number is a value, not a flag: ``--str-s-init -1e30``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import re
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from reference.config import FIELD_HELP, TrainConfig, field_kind, resolve_config
+from reference.config import FIELD_HELP, TrainConfig, check_path, field_kind, resolve_config
 from reference.errors import CheckpointError, ConfigError, LearnsparseError
 
 __all__ = ["build_parser", "main"]
 
 PROG = "learnsparse"
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, the status a shell shows for a writer whose reader went away
+
+# A number with a minus sign, in any form float() reads: -3, -.5, -1e30, -2.5E-3, -inf, -nan.
+_NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|-(inf|infinity|nan)", re.IGNORECASE)
+# The positional arguments and flags that name files or directories.
+_PATH_ARGS = ("config", "resume", "checkpoint", "output", "out", "budget", "data_root", "run_dir")
 
 
 class _UsageError(Exception):
@@ -43,8 +59,46 @@ class _UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser that raises instead of printing usage and exiting."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # --epoch is an error, not --epochs
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # type: ignore[override]
         raise _UsageError(message)
+
+
+def _attach_negative_values(argv: Sequence[str]) -> list[str]:
+    """``["--str-s-init", "-1e30"]`` -> ``["--str-s-init=-1e30"]``.
+
+    argparse takes a token that starts with ``-`` for a flag unless it looks
+    like a plain negative integer or decimal, so ``-1e30`` would be refused as
+    an unknown option. A negative number that follows a long flag is joined to
+    it, which argparse reads as that flag's value (a flag that takes no value
+    then reports the value as unexpected).
+    """
+    out: list[str] = []
+    for token in argv:
+        prev = out[-1] if out else ""
+        if (
+            _NEGATIVE_NUMBER.fullmatch(token)
+            and prev.startswith("--")
+            and "=" not in prev
+            and prev != "--"
+            and "--" not in out
+        ):
+            out[-1] = f"{prev}={token}"
+        else:
+            out.append(token)
+    return out
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Every file or directory argument is valid UTF-8 with file-name-sized components."""
+    for name in _PATH_ARGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            flag = name.upper() if name == "checkpoint" else "--" + name.replace("_", "-")
+            check_path(value, flag)
 
 
 def _int_list(text: str) -> list[int]:
@@ -174,6 +228,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             raise CheckpointError(f"checkpoint {args.resume!r} holds an unusable config: {exc}") from None
     config = resolve_config(args.config, overrides, base=base)
+    if resume is not None and config.epochs < resume.epoch:
+        raise ConfigError(
+            f"--epochs {config.epochs} is fewer than the {resume.epoch} epochs checkpoint {args.resume!r} "
+            f"has already trained; give --epochs {resume.epoch} or more to continue it"
+        )
+    _check_training_memory(config)
     log = (lambda _msg: None) if args.quiet else _print
     result = train(config, resume=resume, log=log)
     if args.quiet:
@@ -185,15 +245,37 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_training_memory(config: TrainConfig) -> None:
+    """Refuse, before anything is built, a run whose model, batch and data cannot fit in memory."""
+    from reference.accounting import estimate_memory
+    from reference.data import synthetic_bytes
+    from reference.memory import require_memory
+
+    size = config.image_size
+    shape = {"digits": (1, 8, 8), "cifar10": (3, 32, 32)}.get(config.dataset, (3, size, size))
+    # The classes of the data set are not known before it is read; the model has at least these.
+    classes = config.num_classes or (2 if config.dataset == "imagefolder" else 10)
+    need = estimate_memory(config.model, shape, classes, config.width)
+    total = need.training_bytes(config.batch_size)
+    what = (
+        f"training {config.model} with {classes:,} classes on {shape[0]}x{shape[1]}x{shape[2]} images in "
+        f"batches of {config.batch_size} ({need.parameters:,} float32 parameters, {need.activations:,} "
+        f"layer outputs per image)"
+    )
+    if config.dataset == "synthetic":
+        total += synthetic_bytes(shape, classes, config.train_size, config.test_size)
+        what += f" with {config.train_size:,} + {config.test_size:,} synthetic images"
+    require_memory(total, what)
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from reference.checkpoint import load_checkpoint
     from reference.finalize import load_model_from_checkpoint
     from reference.train import build_data, evaluate_batches
 
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt = _finite_checkpoint(args.checkpoint)
     where = str(ckpt.path)
     try:
-        config = TrainConfig.from_dict(ckpt.config, source=f"checkpoint {where!r} config")
+        config = TrainConfig.from_checkpoint(ckpt.config, source=f"checkpoint {where!r} config")
     except ConfigError as exc:
         raise CheckpointError(f"checkpoint {where!r} holds an unusable config: {exc}") from None
     if args.data_root is not None:
@@ -254,6 +336,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         raise ConfigError(f"report: {flags} only go with --budget")
     from reference.report import write_report
 
+    _finite_checkpoint(args.checkpoint)
     checkpoint = Path(args.checkpoint)
     out = Path(args.out) if args.out is not None else checkpoint.parent / f"report-{checkpoint.stem}"
     result = write_report(checkpoint, out, plots=not args.no_plots)
@@ -277,6 +360,7 @@ def _report_budget(args: argparse.Namespace) -> int:
 def _cmd_finalize(args: argparse.Namespace) -> int:
     from reference.finalize import finalize_checkpoint
 
+    _finite_checkpoint(args.checkpoint)
     path, summary = finalize_checkpoint(args.checkpoint, args.output, trail_sparsity=args.trail_sparsity)
     compression = f"{summary.weights / summary.nonzeros:.2f}x" if summary.nonzeros else "infinite"
     done = []
@@ -295,15 +379,24 @@ def _cmd_finalize(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from reference.export import export_safetensors
+    from reference.files import refuse_overwriting_inputs
     from reference.finalize import finalize, has_sparsity_modules, load_model_from_checkpoint
 
-    model = load_model_from_checkpoint(args.checkpoint).model
+    refuse_overwriting_inputs(args.output, [args.checkpoint], "export")
+    model = load_model_from_checkpoint(_finite_checkpoint(args.checkpoint)).model
     if has_sparsity_modules(model):
         finalize(model)
     path = export_safetensors(model, args.output, csr=args.csr)
     form = "CSR conv/fc weights" if args.csr else "dense weights"
     _print(f"wrote {str(path)!r} ({form}, torchvision names, {path.stat().st_size:,} bytes)")
     return 0
+
+
+def _finite_checkpoint(path: str) -> Any:
+    """The checkpoint at ``path``, loaded; CheckpointError when it holds a NaN or an infinity."""
+    from reference.checkpoint import check_finite, load_checkpoint
+
+    return check_finite(load_checkpoint(path))
 
 
 def _print(message: str) -> None:
@@ -320,21 +413,61 @@ _COMMANDS = {
 }
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that it unwinds (locks, files) as Ctrl-C does."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: SIGTERM keeps its handler
+        previous = None
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_attach_negative_values(sys.argv[1:] if argv is None else argv))
+        _check_paths(args)
         return _COMMANDS[args.command](args)
     except (LearnsparseError, _UsageError) as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
         return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
-        return 130
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except MemoryError as exc:  # a size the up-front estimates let through
+        message = " ".join(str(exc).split()) or "an allocation failed"
+        print(f"{PROG}: error: out of memory: {message}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C (130) or SIGTERM (143)
+        terminated = isinstance(exc, _Terminated)
+        print(f"{PROG}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr, flush=True)
+        return 128 + signal.SIGTERM if terminated else 130
     except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else 0
+
+
+def _silence_stdout() -> None:
+    """Point stdout at the null device, so that the interpreter's final flush of output
+    the closed pipe did not take raises nothing either."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

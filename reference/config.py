@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,7 +40,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-__all__ = ["FIELD_HELP", "TrainConfig", "field_kind", "load_toml", "resolve_config"]
+__all__ = ["FIELD_HELP", "TrainConfig", "check_path", "field_kind", "load_toml", "resolve_config"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +127,23 @@ class TrainConfig:
             raise ConfigError(f"{source}: expected a table of settings, got {type(values).__name__}")
         _check_keys(values, source)
         return cls(**dict(values))
+
+    @classmethod
+    def from_checkpoint(cls, values: Mapping[str, Any], *, source: str = "checkpoint config") -> TrainConfig:
+        """:meth:`from_dict` for a config saved in a checkpoint.
+
+        Earlier versions accepted settings that the run ignored (a ``target_sparsity`` for dense
+        and SCP, which finalized checkpoints also kept; a ``data_root`` for a bundled or generated
+        data set). They changed nothing then, so they are dropped here instead of making the
+        checkpoint unreadable.
+        """
+        if isinstance(values, Mapping):
+            values = dict(values)
+            if values.get("method", "dense") in _NO_TARGET_METHODS:
+                values["target_sparsity"] = None
+            if values.get("dataset", "digits") in _BUILTIN_DATASETS:
+                values["data_root"] = None
+        return cls.from_dict(values, source=source)
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with some fields changed (validated like a new config)."""
@@ -224,6 +242,9 @@ _OPTIONAL_FIELDS = {"data_root", "num_classes", "run_dir", "target_sparsity", "t
                     "prune_end_epoch", "budget", "budget_column"}  # fmt: skip
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
 _BUILTIN_DATASETS = ("digits", "synthetic")  # generated or bundled: no data_root needed
+_NO_TARGET_METHODS = ("dense", "scp")  # target_sparsity would be ignored: refuse it
+_PATH_FIELDS = ("data_root", "run_dir", "budget")
+_NAME_MAX = 255  # bytes in one path component on the common file systems (ext4, XFS, APFS, NTFS)
 
 
 def field_kind(name: str) -> str:
@@ -323,6 +344,12 @@ def _validate_sparsity(cfg: TrainConfig, need) -> None:
         f"between prune_start_epoch ({cfg.prune_start_epoch}) and epochs ({cfg.epochs}), or unset",
     )
     need(cfg.prune_frequency > 0, "prune_frequency", "a positive number of steps")
+    need(
+        cfg.target_sparsity is None or cfg.method not in _NO_TARGET_METHODS,
+        "target_sparsity",
+        f"unset for method {cfg.method!r}, which does not steer weight sparsity (it is used by "
+        f"str, ltp, magnitude and gmp)",
+    )
     if cfg.method in ("magnitude", "gmp"):
         need(
             cfg.target_sparsity is not None or cfg.budget is not None,
@@ -360,6 +387,8 @@ def _validate(cfg: TrainConfig) -> None:
     )
     need(cfg.run_dir is None or cfg.run_dir.strip() != "", "run_dir", "a directory path (or unset)")
     need(cfg.data_root is None or cfg.data_root.strip() != "", "data_root", "a directory path (or unset)")
+    for name in _PATH_FIELDS:
+        check_path(getattr(cfg, name), name)
     _validate_sparsity(cfg, need)
 
     from reference.data import DATASET_NAMES
@@ -369,6 +398,11 @@ def _validate(cfg: TrainConfig) -> None:
     for name, valid in (("model", MODEL_NAMES), ("dataset", DATASET_NAMES), ("schedule", SCHEDULE_NAMES)):
         if getattr(cfg, name) not in valid:
             raise ConfigError(f"unknown {name} {getattr(cfg, name)!r}; expected one of: {', '.join(valid)}")
+    if cfg.dataset in _BUILTIN_DATASETS and cfg.data_root is not None:
+        where = "bundled with the library" if cfg.dataset == "digits" else "generated from the seed"
+        raise ConfigError(
+            f"data_root is not used by dataset {cfg.dataset!r} ({where}), got {cfg.data_root!r}; leave it unset"
+        )
     if cfg.dataset not in _BUILTIN_DATASETS and cfg.data_root is None:
         raise ConfigError(
             f"dataset {cfg.dataset!r} needs data_root (--data-root DIR): the directory holding its files"
@@ -383,6 +417,26 @@ def _validate(cfg: TrainConfig) -> None:
         milestones=cfg.milestones,
         gamma=cfg.gamma,
     )
+
+
+def check_path(path: str | None, what: str) -> None:
+    """Refuse a path that no file can have: one that is not valid UTF-8 text (undecodable bytes
+    on the command line arrive as lone surrogates) or has a component longer than a file
+    name may be. ``what`` names the setting or flag in the message."""
+    if path is None:
+        return
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{what} must be a path of valid UTF-8 characters, got {path!r}") from None
+    for sep in {os.sep, os.altsep or os.sep} - {"/"}:
+        path = path.replace(sep, "/")
+    for part in path.split("/"):
+        if len(part.encode("utf-8")) > _NAME_MAX:
+            raise ConfigError(
+                f"{what} has a path component of {len(part.encode('utf-8'))} bytes ({part[:24]!r}...), "
+                f"longer than the {_NAME_MAX} bytes a file or directory name may have"
+            )
 
 
 def _toml_value(value: Any) -> str:
@@ -407,6 +461,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     :func:`resolve_config`). A ``[train]`` table may hold the settings instead of
     the top level.
     """
+    check_path(str(path), "config file")
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {str(path)!r} does not exist")
@@ -417,6 +472,11 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             values = tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {str(path)!r} is not UTF-8 text, as a TOML file must be: byte "
+            f"{exc.object[exc.start]:#04x} at offset {exc.start} ({exc.reason})"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror or exc}") from None
     if set(values) == {"train"} and isinstance(values["train"], dict):

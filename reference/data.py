@@ -65,6 +65,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from reference.errors import ConfigError, DataError, ShapeError
+from reference.memory import require_memory
 
 __all__ = [
     "AUGMENT_NAMES",
@@ -78,6 +79,7 @@ __all__ = [
     "iterate_batches",
     "load_dataset",
     "num_batches",
+    "synthetic_bytes",
 ]
 
 DATASET_NAMES = ("digits", "synthetic", "cifar10", "imagefolder")
@@ -313,6 +315,15 @@ def _smooth(a: np.ndarray, passes: int) -> np.ndarray:
     return a
 
 
+def synthetic_bytes(
+    image_shape: tuple[int, int, int], num_classes: int, train_size: int, test_size: int
+) -> int:
+    """A lower bound on the bytes the synthetic data set allocates: its float32 images and
+    int64 labels, plus one float32 template per class."""
+    pixels = math.prod(image_shape)
+    return (train_size + test_size) * (4 * pixels + 8) + num_classes * 4 * pixels
+
+
 def _make_synthetic(
     seed: int, image_shape: tuple[int, int, int], num_classes: int, train_size: int, test_size: int
 ) -> Dataset:
@@ -324,6 +335,11 @@ def _make_synthetic(
     num_classes = _check_count(num_classes, "synthetic: num_classes", 2)
     train_size = _check_count(train_size, "synthetic: train_size", num_classes)
     test_size = _check_count(test_size, "synthetic: test_size", 1)
+    require_memory(
+        synthetic_bytes((c, h, w), num_classes, train_size, test_size),
+        f"the synthetic data set ({train_size:,} train + {test_size:,} test images of {c}x{h}x{w} float32, "
+        f"{num_classes:,} class templates)",
+    )
 
     template_seq, train_seq, test_seq = np.random.SeedSequence(seed).spawn(3)
     k = min(_SYNTHETIC_MOTIF, h, w)
