@@ -26,7 +26,8 @@ counted), and its MACs include the global average pool, as in
 
 :func:`write_report` rebuilds a model from a checkpoint and writes
 ``report.md``, ``report.csv`` and ``report.json`` (each atomically), and, where
-matplotlib is installed, ``sparsity.png`` (per-layer sparsity) and
+matplotlib is installed, ``sparsity.png`` (per-layer weight sparsity, or for SCP the
+channels each masked layer keeps: :func:`sparsity_panels`) and
 ``weights.png`` (histograms of the latent weights of a few layers with the
 threshold marked).
 """
@@ -52,10 +53,12 @@ from reference.nn import BatchNorm2d, Module, WeightLayer
 __all__ = [
     "COLUMNS",
     "ReportFiles",
+    "channel_reduction",
     "format_report",
     "layer_report",
     "layer_threshold",
     "report_text",
+    "sparsity_panels",
     "to_csv",
     "to_json",
     "to_markdown",
@@ -215,6 +218,41 @@ def layer_report(model: Module, input_shape: Sequence[int]) -> list[dict[str, An
     return rows
 
 
+def channel_reduction(model: Module, input_shape: Sequence[int]) -> dict[str, Any] | None:
+    """What slimming ``model`` would remove (its channel masks, in evaluation mode); None without masks.
+
+    This is SCP's measure of sparsity, and it is not the weight sparsity of
+    :func:`layer_report` (zeros in the weights, which SCP leaves at 0 until
+    :func:`reference.finalize.finalize` removes the channels). Keys: ``weights``
+    and ``weights_kept`` (conv+fc weights before and after slimming),
+    ``weights_removed_pct``, ``dense_macs`` and ``slimmed_macs`` (per image,
+    global average pool included), ``macs_removed_pct``.
+    """
+    from reference.nn import weight_layers
+    from reference.sparsity.slimming import slim
+
+    if not any(isinstance(getattr(m, "channel_mask", None), Module) for m in model.modules()):
+        return None
+    shape = tuple(int(d) for d in input_shape)
+    shape = shape[1:] if len(shape) == 4 else shape
+    slimmed = model.host_copy()
+    slimmed.eval()
+    with no_grad():
+        dense_macs = totals(profile(slimmed, shape)).dense_macs
+        slim(slimmed)
+        slimmed_macs = totals(profile(slimmed, shape)).dense_macs
+    weights = sum(int(layer.weight.size) for _, layer in weight_layers(model))
+    kept = sum(int(layer.weight.size) for _, layer in weight_layers(slimmed))
+    return {
+        "weights": weights,
+        "weights_kept": kept,
+        "weights_removed_pct": 100.0 * (1.0 - kept / max(weights, 1)),
+        "dense_macs": dense_macs,
+        "slimmed_macs": slimmed_macs,
+        "macs_removed_pct": 100.0 * (1.0 - slimmed_macs / max(dense_macs, 1)),
+    }
+
+
 def _cell(column: str, value: Any) -> str:
     """A value as shown in the text and Markdown tables."""
     if value is None:
@@ -253,15 +291,20 @@ def _shown_columns(rows: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """The totals row of :func:`layer_report` in words, saying which denominator each number uses."""
+def summary_lines(rows: list[dict[str, Any]], reduction: dict[str, Any] | None = None) -> list[str]:
+    """The totals row of :func:`layer_report` in words, saying which denominator each number uses.
+
+    ``reduction`` (:func:`channel_reduction`, for a model with channel masks)
+    adds what slimming removes: a different quantity from the weight sparsity,
+    which counts zeros in the weights and is 0 for SCP before finalizing.
+    """
     t = rows[-1]
     pool = sum(r["dense_macs"] for r in rows[:-1] if r["kind"] == "pool")
     compression = "infinite" if t["compression"] is None else f"{t['compression']:.2f}x"
     lines = [
-        f"sparsity:     {t['sparsity_pct']:.2f}% of the conv+fc weights are zero "
+        f"weight sparsity: {t['sparsity_pct']:.2f}% of the conv+fc weights are zero "
         f"({t['params'] - t['nonzeros']:,} of {t['params']:,}; {t['nonzeros']:,} nonzero)",
-        f"compression:  {compression} (conv+fc weights / nonzero conv+fc weights)",
+        f"compression:     {compression} (conv+fc weights / nonzero conv+fc weights)",
         f"MACs per image: {t['dense_macs']:,} dense, {t['sparse_macs']:,} sparse "
         f"(including the global average pool, {pool:,})",
     ]
@@ -269,8 +312,15 @@ def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
     if masked:
         channels = sum(int(r["shape"].split("x")[0]) for r in masked)
         lines.append(
-            f"channels:     the channel masks keep {t['channels_kept']:,} of {channels:,} masked channels; "
+            f"channels:        the channel masks keep {t['channels_kept']:,} of {channels:,} masked channels; "
             "the weights and MACs above count the layers before slimming (finalize to remove the channels)"
+        )
+    if reduction is not None:
+        lines.append(
+            f"slimming:        removing the masked channels removes {reduction['weights_removed_pct']:.2f}% "
+            f"of the conv+fc weights ({reduction['weights']:,} -> {reduction['weights_kept']:,}) and "
+            f"{reduction['macs_removed_pct']:.2f}% of the MACs per image "
+            f"({reduction['dense_macs']:,} -> {reduction['slimmed_macs']:,})"
         )
     return lines
 
@@ -296,7 +346,7 @@ def format_report(rows: list[dict[str, Any]]) -> str:
 def report_text(model: Module, input_shape: Sequence[int]) -> str:
     """The per-layer table of ``model`` followed by the totals in words."""
     rows = layer_report(model, input_shape)
-    return "\n".join([format_report(rows), "", *summary_lines(rows)])
+    return "\n".join([format_report(rows), "", *summary_lines(rows, channel_reduction(model, input_shape))])
 
 
 # ---------------------------------------------------------------------------
@@ -307,7 +357,9 @@ def _info_lines(info: dict[str, Any]) -> list[str]:
     return [f"- {key}: {value}" for key, value in info.items() if value is not None]
 
 
-def to_markdown(rows: list[dict[str, Any]], info: dict[str, Any] | None = None) -> str:
+def to_markdown(
+    rows: list[dict[str, Any]], info: dict[str, Any] | None = None, reduction: dict[str, Any] | None = None
+) -> str:
     """A Markdown document: what was reported, the per-layer table, the totals in words."""
     columns = _shown_columns(rows)
     lines = ["# Sparsity report", ""]
@@ -320,7 +372,7 @@ def to_markdown(rows: list[dict[str, Any]], info: dict[str, Any] | None = None) 
         if r is rows[-1]:
             cells = [f"**{cell}**" for cell in cells]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", *(f"- {s}" for s in summary_lines(rows)), "", DENOMINATOR_NOTE, ""]
+    lines += ["", *(f"- {s}" for s in summary_lines(rows, reduction)), "", DENOMINATOR_NOTE, ""]
     return "\n".join(lines)
 
 
@@ -336,9 +388,14 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def to_json(rows: list[dict[str, Any]], info: dict[str, Any] | None = None) -> str:
-    """``{"info": ..., "denominator": ..., "layers": [rows], "totals": row}`` as strict JSON."""
+def to_json(
+    rows: list[dict[str, Any]], info: dict[str, Any] | None = None, reduction: dict[str, Any] | None = None
+) -> str:
+    """``{"info": ..., "denominator": ..., "layers": [rows], "totals": row}`` as strict JSON, plus
+    ``"channel_reduction"`` (:func:`channel_reduction`) for a model with channel masks."""
     doc = {"info": info or {}, "denominator": DENOMINATOR_NOTE, "layers": rows[:-1], "totals": rows[-1]}
+    if reduction is not None:
+        doc["channel_reduction"] = reduction
     return json.dumps(doc, indent=2, allow_nan=False) + "\n"
 
 
@@ -363,6 +420,34 @@ def _save_figure(fig: Any, path: Path) -> Path:
     return write_atomic(path, buf.getvalue())
 
 
+def sparsity_panels(
+    rows: list[dict[str, Any]],
+) -> list[tuple[str, list[tuple[str, float]], tuple[str, float]]]:
+    """What ``sparsity.png`` draws: panels of (y label, [(layer, percent)], (overall label, percent)).
+
+    Weight sparsity per conv and fc layer (zeros in the weights); with channel
+    masks (SCP), the channels each masked layer keeps, in percent of its output
+    channels, instead of the weight sparsity when no weight is zero (SCP before
+    finalizing: a chart of zeros would be empty), under it otherwise.
+    """
+    weighted = [r for r in rows[:-1] if r["params"]]
+    panels = [
+        (
+            "weight sparsity (% of the layer's weights that are zero)",
+            [(r["layer"], r["sparsity_pct"]) for r in weighted],
+            ("overall (conv+fc weights)", rows[-1]["sparsity_pct"]),
+        )
+    ]
+    masked = [r for r in rows[:-1] if r["channels_kept"] is not None]
+    if masked:
+        channels = [int(r["shape"].split("x")[0]) for r in masked]
+        kept = [(r["layer"], 100.0 * r["channels_kept"] / c) for r, c in zip(masked, channels)]
+        overall = ("overall (masked channels)", 100.0 * rows[-1]["channels_kept"] / sum(channels))
+        channel_panel = ("channels kept (% of the layer's output channels)", kept, overall)
+        panels = [channel_panel] if rows[-1]["nonzeros"] == rows[-1]["params"] else [*panels, channel_panel]
+    return panels
+
+
 def write_plots(
     model: Module, rows: list[dict[str, Any]], out_dir: str | Path
 ) -> tuple[list[Path], str | None]:
@@ -377,18 +462,19 @@ def write_plots(
             "matplotlib is not installed: sparsity.png and weights.png were skipped (pip install matplotlib)",
         )
     out_dir = Path(out_dir)
-    layer_rows = [r for r in rows[:-1] if r["params"]]
-
-    fig = Figure(figsize=(max(6.0, 0.22 * len(layer_rows) + 2), 4.0))
+    panels = sparsity_panels(rows)
+    width = max(6.0, 0.22 * max(len(bars) for _, bars, _ in panels) + 2)
+    fig = Figure(figsize=(width, 4.0 * len(panels)))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.bar(range(len(layer_rows)), [r["sparsity_pct"] for r in layer_rows], color="tab:blue")
-    ax.axhline(rows[-1]["sparsity_pct"], color="tab:red", linestyle="--", label="overall (conv+fc weights)")
-    ax.set_xticks(range(len(layer_rows)))
-    ax.set_xticklabels([r["layer"] for r in layer_rows], rotation=90, fontsize=7)
-    ax.set_ylabel("sparsity (% of the layer's weights)")
-    ax.set_ylim(0, 100)
-    ax.legend(loc="lower right", fontsize=8)
+    for i, (ylabel, bars, overall) in enumerate(panels):
+        ax = fig.add_subplot(len(panels), 1, i + 1)
+        ax.bar(range(len(bars)), [value for _, value in bars], color="tab:blue")
+        ax.axhline(overall[1], color="tab:red", linestyle="--", label=overall[0])
+        ax.set_xticks(range(len(bars)))
+        ax.set_xticklabels([name for name, _ in bars], rotation=90, fontsize=7)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_ylim(0, 100)
+        ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     paths = [_save_figure(fig, out_dir / "sparsity.png")]
 
@@ -452,7 +538,8 @@ def write_report(checkpoint_path: str | Path, out_dir: str | Path, *, plots: boo
         "test accuracy": f"{metrics['test_acc']:.2%}" if "test_acc" in metrics else None,
         "input": f"{c}x{h}x{w}",
     }
-    text = "\n".join([format_report(rows), "", *summary_lines(rows)])
+    reduction = channel_reduction(model, restored.input_shape)
+    text = "\n".join([format_report(rows), "", *summary_lines(rows, reduction)])
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -460,9 +547,9 @@ def write_report(checkpoint_path: str | Path, out_dir: str | Path, *, plots: boo
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = [
-            write_atomic(out_dir / "report.md", to_markdown(rows, info)),
+            write_atomic(out_dir / "report.md", to_markdown(rows, info, reduction)),
             write_atomic(out_dir / "report.csv", to_csv(rows)),
-            write_atomic(out_dir / "report.json", to_json(rows, info)),
+            write_atomic(out_dir / "report.json", to_json(rows, info, reduction)),
         ]
         pictures, note = write_plots(model, rows, out_dir) if plots else ([], None)
     except OSError as exc:

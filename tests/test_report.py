@@ -229,3 +229,76 @@ def test_a_sparse_run_ends_with_the_report_table(tmp_path):
     with no_grad():
         logits = result.model(Tensor(np.zeros((2, *INPUT), np.float32)))
     assert logits.shape == (2, 10)
+
+
+# ------------------------------------------- SCP: weight sparsity and channel reduction, named apart
+
+
+def _scp_with_channels_off():
+    net, config = sparse_model("scp")
+    net.bn1.bias.data[:3] = -4.0  # P_c ~ 1: pruned in evaluation
+    net.bn2.bias.data[:5] = -4.0
+    return net, config
+
+
+def test_scp_report_names_weight_sparsity_and_what_slimming_removes_apart():
+    from reference.report import channel_reduction
+
+    net, _ = _scp_with_channels_off()
+    c1, c2, c3 = net.bn1.num_features, net.bn2.num_features, net.bn3.num_features
+    reduction = channel_reduction(net, INPUT)
+    # digits_cnn: conv1 1->c1, conv2 c1->c2, conv3 c2->c3 (3x3 each), fc c3->10; slimming drops
+    # the switched-off channels' rows and the next layer's matching inputs
+    dense = 9 * (c1 + c1 * c2 + c2 * c3) + 10 * c3
+    kept = 9 * ((c1 - 3) + (c1 - 3) * (c2 - 5) + (c2 - 5) * c3) + 10 * c3
+    assert (reduction["weights"], reduction["weights_kept"]) == (dense, kept)
+    assert reduction["weights_removed_pct"] == pytest.approx(100 * (1 - kept / dense))
+    slimmed = net.host_copy()
+    finalize(slimmed)  # removes the channels for real
+    assert reduction["slimmed_macs"] == totals(profile(slimmed, INPUT)).dense_macs
+    assert reduction["dense_macs"] == totals(profile(net, INPUT)).dense_macs > reduction["slimmed_macs"]
+    text = report_text(net, INPUT)
+    assert "weight sparsity: 0.00% of the conv+fc weights are zero" in text  # SCP zeroes no weight
+    assert f"removes {100 * (1 - kept / dense):.2f}% of the conv+fc weights ({dense:,} -> {kept:,})" in text
+    assert channel_reduction(sparse_model("str")[0], INPUT) is None
+    assert "slimming" not in report_text(sparse_model("str")[0], INPUT)
+
+
+def test_scp_chart_draws_channels_kept_per_layer():
+    from reference.report import sparsity_panels
+
+    net, _ = _scp_with_channels_off()
+    panels = sparsity_panels(layer_report(net, INPUT))
+    assert len(panels) == 1  # no weight is zero: the weight-sparsity chart would be empty
+    label, bars, (_, overall) = panels[0]
+    assert "channels kept" in label
+    c1, c2, c3 = net.bn1.num_features, net.bn2.num_features, net.bn3.num_features
+    assert bars == [
+        ("conv1", pytest.approx(100 * (c1 - 3) / c1)),
+        ("conv2", pytest.approx(100 * (c2 - 5) / c2)),
+        ("conv3", pytest.approx(100.0)),
+    ]
+    assert overall == pytest.approx(100 * (c1 + c2 + c3 - 8) / (c1 + c2 + c3))
+    str_panels = sparsity_panels(layer_report(sparse_model("str")[0], INPUT))
+    assert len(str_panels) == 1 and "weight sparsity" in str_panels[0][0] and len(str_panels[0][1]) == 4
+
+
+def test_scp_report_files_carry_the_channel_reduction(tmp_path):
+    net, config = _scp_with_channels_off()
+    result = write_report(ckpt_of(net, config, tmp_path / "run.npz"), tmp_path / "out", plots=False)
+    doc = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert doc["channel_reduction"]["weights_kept"] < doc["channel_reduction"]["weights"]
+    assert doc["totals"]["sparsity_pct"] == 0.0
+    assert "slimming:" in (tmp_path / "out" / "report.md").read_text() and "slimming:" in result.text
+
+
+def test_an_scp_run_logs_weights_slimmed_not_sparsity(tmp_path):
+    lines: list[str] = []
+    config = TrainConfig(
+        epochs=1, width=0.5, batch_size=64, method="scp", scp_lambda=8e-3, progress=False,
+        run_dir=str(tmp_path / "run"),
+    )  # fmt: skip
+    train(config, log=lines.append)
+    epoch_line = next(line for line in lines if line.startswith("epoch"))
+    assert "weights slimmed" in epoch_line and " sparsity " not in epoch_line
+    assert "weight sparsity: 0.00%" in lines[-1] and "slimming:" in lines[-1]

@@ -64,6 +64,9 @@ class SparsityMethod:
 
     name = "dense"
     keeps_trail = False  # save a snapshot of the model every epoch (LTP's trail)
+    # What end_epoch's "sparsity" measures, as the epoch's log line names it: the fraction of
+    # zeros in the conv+fc weights here; SCP's is the fraction of weights slimming removes.
+    sparsity_label = "sparsity"
 
     def attach(self, model) -> None:
         """Install the method on ``model`` (before the optimizer and any checkpoint load)."""

@@ -142,6 +142,9 @@ class SCP(SparsityMethod):
     """
 
     name = "scp"
+    # end_epoch's "sparsity" is the fraction of conv+fc weights slimming removes; the weights
+    # themselves have no zeros (their weight sparsity, as the report shows it, is 0 until finalize)
+    sparsity_label = "weights slimmed"
 
     def __init__(
         self,
