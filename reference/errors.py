@@ -31,4 +31,4 @@ class CheckpointError(LearnsparseError, ValueError):
 
 
 class DivergenceError(LearnsparseError, FloatingPointError):
-    """Training produced a non-finite loss."""
+    """Training diverged: a non-finite loss, parameter, gradient or buffer, or an exploding loss."""

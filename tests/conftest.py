@@ -89,3 +89,12 @@ def emulated_cupy():
 
     with emulation.device() as cupy:
         yield cupy
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """An empty current directory, so that stray files would show up."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return work

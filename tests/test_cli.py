@@ -39,15 +39,6 @@ def listing(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    """An empty current directory, so that stray files would show up."""
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    return work
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """A one-epoch run directory made through the command line."""

@@ -24,14 +24,6 @@ BAD_BYTE = os.fsdecode(b"\xff")  # what an undecodable byte in argv becomes: a l
 LONG_NAME = "a" * 256  # one more than NAME_MAX
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    return work
-
-
 # ------------------------------------------------------------------ files and paths
 
 
