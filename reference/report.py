@@ -38,6 +38,8 @@ import csv
 import dataclasses
 import io
 import json
+import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,7 +49,7 @@ import numpy as np
 from reference.accounting import profile, totals
 from reference.autodiff import Tensor, no_grad
 from reference.errors import ConfigError
-from reference.files import write_atomic
+from reference.files import temporary_name, write_atomic
 from reference.nn import BatchNorm2d, Module, WeightLayer
 
 __all__ = [
@@ -519,8 +521,12 @@ def write_report(checkpoint_path: str | Path, out_dir: str | Path, *, plots: boo
     """Report the model saved in a checkpoint (trained or finalized) into ``out_dir``.
 
     ``plots=False`` skips the PNG files. Everything is computed before
-    ``out_dir`` is created, so a bad checkpoint leaves nothing behind; each
-    file is written atomically.
+    anything is written, so a bad checkpoint leaves nothing behind. The report
+    is written whole or not at all: its files go to a hidden staging folder
+    beside ``out_dir`` first, and only when every one of them is written (a
+    full disk fails here, and the staging folder is removed) are they renamed
+    into ``out_dir``, which takes no space. Files of ``out_dir`` that are not
+    part of the report are left alone.
     """
     from reference.finalize import load_model_from_checkpoint
 
@@ -544,14 +550,24 @@ def write_report(checkpoint_path: str | Path, out_dir: str | Path, *, plots: boo
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"report output {str(out_dir)!r} exists and is not a directory")
+    staging = out_dir.parent / temporary_name(out_dir.name)
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        paths = [
-            write_atomic(out_dir / "report.md", to_markdown(rows, info, reduction)),
-            write_atomic(out_dir / "report.csv", to_csv(rows)),
-            write_atomic(out_dir / "report.json", to_json(rows, info, reduction)),
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+        staged = [
+            write_atomic(staging / "report.md", to_markdown(rows, info, reduction)),
+            write_atomic(staging / "report.csv", to_csv(rows)),
+            write_atomic(staging / "report.json", to_json(rows, info, reduction)),
         ]
-        pictures, note = write_plots(model, rows, out_dir) if plots else ([], None)
+        pictures, note = write_plots(model, rows, staging) if plots else ([], None)
+        staged += [Path(p) for p in pictures]
+        if not out_dir.exists():
+            os.replace(staging, out_dir)  # one rename: the folder appears whole
+        else:
+            for path in staged:
+                os.replace(path, out_dir / path.name)
     except OSError as exc:
         raise ConfigError(f"cannot write the report to {str(out_dir)!r}: {exc.strerror or exc}") from None
-    return ReportFiles(paths + pictures, rows, text, [note] if note else [])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return ReportFiles([out_dir / path.name for path in staged], rows, text, [note] if note else [])

@@ -302,3 +302,57 @@ def test_an_scp_run_logs_weights_slimmed_not_sparsity(tmp_path):
     epoch_line = next(line for line in lines if line.startswith("epoch"))
     assert "weights slimmed" in epoch_line and " sparsity " not in epoch_line
     assert "weight sparsity: 0.00%" in lines[-1] and "slimming:" in lines[-1]
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["fresh", "over-an-old-report"])
+def test_a_report_is_written_whole_or_not_at_all(tmp_path, monkeypatch, existing):
+    """A full disk at each write of the report in turn: the folder is as before, no staging left."""
+    import errno
+
+    import reference.report as report
+
+    net, config = sparse_model("str")
+    ckpt = ckpt_of(net, config, tmp_path / "run.npz")
+    out = tmp_path / "out"
+    if existing:  # an older report, of another model, and a file of the user's
+        other, _ = sparse_model("str", seed=3)
+        write_report(ckpt_of(other, config, tmp_path / "other.npz"), out)
+        (tmp_path / "other.npz").unlink()
+        (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()} if existing else None
+    real = report.write_atomic
+    writes = []
+
+    def counting(path, data):
+        writes.append(Path(path).name)
+        return real(path, data)
+
+    monkeypatch.setattr(report, "write_atomic", counting)
+    write_report(ckpt, tmp_path / "count")
+    assert len(writes) == 5, writes  # md, csv, json, sparsity.png, weights.png
+    for fail_at in range(len(writes)):
+        calls = []
+
+        def full_disk(path, data, fail_at=fail_at, calls=calls):
+            calls.append(path)
+            if len(calls) > fail_at:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(path, data)
+
+        monkeypatch.setattr(report, "write_atomic", full_disk)
+        with pytest.raises(report.ConfigError, match="No space left"):
+            write_report(ckpt, out)
+        if existing:
+            assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+        else:
+            assert not out.exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            ["count", "run.npz"] + (["out"] if existing else [])
+        )
+    monkeypatch.setattr(report, "write_atomic", real)
+    result = write_report(ckpt, out)  # and with room, the report is all there
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["report.md", "report.csv", "report.json", "sparsity.png", "weights.png"]
+        + (["notes.txt"] if existing else [])
+    )
+    assert all(Path(p).parent == out and Path(p).is_file() for p in result.paths)
