@@ -192,7 +192,7 @@ def budget_from_checkpoint(path: str | Path, *, data_root: str | None = None) ->
     ckpt = load_checkpoint(path)
     where = str(ckpt.path)
     try:
-        config = TrainConfig.from_dict(ckpt.config, source=f"checkpoint {where!r} config")
+        config = TrainConfig.from_checkpoint(ckpt.config, source=f"checkpoint {where!r} config")
     except ConfigError as exc:
         raise CheckpointError(f"checkpoint {where!r} holds an unusable config: {exc}") from None
     data = build_data(config, data_root=data_root)
