@@ -145,6 +145,19 @@ class MatmulCache(NamedTuple):
     a_dtype: Any
     b_dtype: Any
 
+    @classmethod
+    def keep(cls, a: Any, b: Any, need_a: bool, need_b: bool) -> MatmulCache:
+        """``b`` only for ``da`` (2) and ``a`` only for ``db`` (3) of :mod:`reference.ops.linalg`."""
+        a_shape, b_shape = tuple(a.shape), tuple(b.shape)
+        return cls(
+            a if need_b else None,
+            b if need_a else None,
+            a_shape if need_a else None,
+            b_shape if need_b else None,
+            a.dtype,
+            b.dtype,
+        )
+
 
 class LinearCache(NamedTuple):
     x: Any  # kept when w needs a gradient
@@ -175,6 +188,36 @@ class Conv2dCache(NamedTuple):
     groups: int
     needs: tuple[bool, bool, bool]  # dx, dw, db wanted (db False when there is no bias)
 
+    @classmethod
+    def keep(
+        cls,
+        path: str,
+        x: Any,
+        w: Any,
+        has_bias: bool,
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        groups: int,
+        needs: tuple[bool, bool, bool],
+        *,
+        w_kept: Any = None,
+    ) -> Conv2dCache:
+        """``x`` only for ``dw`` (4), the weight only for ``dx`` (5); ``w_kept`` is the copy of the
+        weight a kernel set multiplies with, when it is not ``w`` itself (the bfloat16 one)."""
+        need_x, need_w, need_b = needs
+        kept = w if w_kept is None else w_kept
+        return cls(
+            path,
+            x if need_w else None,
+            kept if need_x else None,
+            tuple(x.shape),
+            tuple(w.shape),
+            stride,
+            padding,
+            groups,
+            (need_x, need_w, need_b and has_bias),
+        )
+
 
 # ------------------------------------------------------------------------- norm
 class BatchNormCache(NamedTuple):
@@ -189,6 +232,44 @@ class BatchNormCache(NamedTuple):
     gamma_dtype: Any  # None: gamma absent or gets no gradient
     beta_dtype: Any  # None: beta absent or gets no gradient
     x_ndim: int
+
+    @staticmethod
+    def keeps_xhat(need_x: bool, need_gamma: bool, training: bool) -> bool:
+        """``xhat`` is read by ``dgamma`` and by the training ``dx``; nothing else needs it."""
+        return need_gamma or (need_x and training)
+
+    @classmethod
+    def keep(
+        cls,
+        xhat: Any,
+        inv_std: Any,
+        gamma: Any,
+        beta: Any,
+        mean: Any,
+        var: Any,
+        training: bool,
+        count: int,
+        dtype: Any,
+        ndim: int,
+        needs: tuple[bool, bool, bool],
+    ) -> BatchNormCache:
+        """The cache for the wanted gradients ``needs`` = (x, gamma, beta); an absent gamma or beta gets none."""
+        need_x, need_gamma, need_beta = needs
+        need_gamma = need_gamma and gamma is not None
+        keep = cls.keeps_xhat(need_x, need_gamma, training)
+        return cls(
+            xhat if keep else None,
+            inv_std,
+            gamma,
+            mean,
+            var,
+            bool(training),
+            count,
+            dtype if need_x else None,
+            gamma.dtype if need_gamma else None,
+            beta.dtype if beta is not None and need_beta else None,
+            ndim,
+        )
 
 
 # ---------------------------------------------------------------------- pooling

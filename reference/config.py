@@ -393,7 +393,7 @@ def _validate(cfg: TrainConfig) -> None:
 
     from reference.data import DATASET_NAMES
     from reference.models import MODEL_NAMES
-    from reference.schedules import SCHEDULE_NAMES, build_schedule
+    from reference.schedules import SCHEDULE_NAMES
 
     for name, valid in (("model", MODEL_NAMES), ("dataset", DATASET_NAMES), ("schedule", SCHEDULE_NAMES)):
         if getattr(cfg, name) not in valid:
@@ -407,8 +407,14 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"dataset {cfg.dataset!r} needs data_root (--data-root DIR): the directory holding its files"
         )
-    # The schedule checks how its options fit together (milestones inside the run, ...).
-    build_schedule(
+    schedule_of(cfg)  # the schedule checks how its options fit together (milestones inside the run, ...)
+
+
+def schedule_of(cfg: TrainConfig):
+    """The learning-rate schedule ``cfg`` describes (:func:`reference.schedules.build_schedule`)."""
+    from reference.schedules import build_schedule
+
+    return build_schedule(
         cfg.schedule,
         cfg.lr,
         cfg.epochs,

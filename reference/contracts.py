@@ -23,7 +23,9 @@ __all__ = [
     "check_scp_settings",
     "conv2d_geometry",
     "cross_entropy_shapes",
+    "linear_shapes",
     "ltp_temperature",
+    "matmul_shapes",
     "pair",
     "pool_geometry",
 ]
@@ -175,3 +177,28 @@ def cross_entropy_shapes(logits, labels) -> tuple[int, int]:
     if n == 0:
         raise ShapeError("softmax_cross_entropy needs at least one row of logits, got N = 0")
     return n, k
+
+
+def matmul_shapes(a, b) -> None:
+    """matmul's operands: (..., m, k) and (..., k, n)."""
+    if a.ndim < 2 or b.ndim < 2:
+        raise ShapeError(
+            f"matmul expects a of shape (..., m, k) and b of shape (..., k, n), "
+            f"got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    if a.shape[-1] != b.shape[-2]:
+        raise ShapeError(
+            f"matmul: inner sizes differ, a is {tuple(a.shape)} (k={a.shape[-1]}) "
+            f"and b is {tuple(b.shape)} (k={b.shape[-2]})"
+        )
+
+
+def linear_shapes(x, w, b) -> None:
+    """linear's operands: x (..., in), w (out, in), b (out,) or None."""
+    if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[1]:
+        raise ShapeError(
+            f"linear expects x of shape (..., in) and w of shape (out, in), "
+            f"got {tuple(x.shape)} and {tuple(w.shape)}"
+        )
+    if b is not None and tuple(b.shape) != (w.shape[0],):
+        raise ShapeError(f"linear expects a bias of shape ({w.shape[0]},), got {tuple(b.shape)}")

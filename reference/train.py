@@ -70,7 +70,7 @@ import numpy as np
 from reference.autodiff import Tensor, no_grad
 from reference.backend import array_module, check_device, device_of, to_device
 from reference.checkpoint import Checkpoint, first_non_finite, load_checkpoint, save_checkpoint
-from reference.config import TrainConfig
+from reference.config import TrainConfig, schedule_of
 from reference.errors import CheckpointError, ConfigError, DataError, DivergenceError
 from reference.files import write_atomic
 from reference.functional import softmax_cross_entropy
@@ -603,7 +603,6 @@ class _Run:
 def _build(config: TrainConfig, data):
     """``(model, method, optimizer, schedule)`` for ``config``, the model on ``config.device``."""
     from reference.optim import SGD
-    from reference.schedules import build_schedule
 
     model, method = build_model_and_method(config, data)
     model.to(config.device)  # before the optimizer, so its momentum buffers are made on the device
@@ -614,16 +613,7 @@ def _build(config: TrainConfig, data):
         nesterov=config.nesterov,
         weight_decay=config.weight_decay,
     )
-    schedule = build_schedule(
-        config.schedule,
-        config.lr,
-        config.epochs,
-        warmup_epochs=config.warmup_epochs,
-        per_step=config.per_step,
-        milestones=config.milestones,
-        gamma=config.gamma,
-    )
-    return model, method, optimizer, schedule
+    return model, method, optimizer, schedule_of(config)
 
 
 def _restore(ckpt: Checkpoint, config: TrainConfig, model, method, optimizer):

@@ -343,16 +343,9 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0, groups: int = 1, needs_inp
         y, w_kept = _forward_general(x, w, b, stride, padding, groups, out_hw)
     if b is not None and path != "general":
         y += b.reshape(1, n_out, 1, 1)  # (1)
-    cache = Conv2dCache(
-        path,
-        x if need_w else None,  # (4), (7) read x
-        w_kept if need_x else None,  # (5), (8) read w (the bfloat16 copy under bf16, general and pointwise)
-        tuple(x.shape),
-        tuple(w.shape),
-        stride,
-        padding,
-        groups,
-        (need_x, need_w, need_b and b is not None),
+    # (4), (7) read x; (5), (8) read w (the bfloat16 copy under bf16, general and pointwise paths)
+    cache = Conv2dCache.keep(
+        path, x, w, b is not None, stride, padding, groups, (need_x, need_w, need_b), w_kept=w_kept
     )
     return y, cache
 

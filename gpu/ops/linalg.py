@@ -32,8 +32,8 @@ import cupy as cp
 import numpy as np
 
 from gpu.blas import gemm, gemm_batched
+from reference import contracts
 from reference.caches import LinearCache, MatmulCache, grad_flags
-from reference.errors import ShapeError
 
 from .elementwise import _sum, unbroadcast
 
@@ -63,24 +63,8 @@ def matmul_forward(a: cp.ndarray, b: cp.ndarray, needs_input_grad=None) -> tuple
     The cache keeps ``b`` only for ``da`` (2) and ``a`` only for ``db`` (3).
     """
     need_a, need_b = grad_flags("matmul", needs_input_grad, 2)
-    if a.ndim < 2 or b.ndim < 2:
-        raise ShapeError(
-            f"matmul expects a of shape (..., m, k) and b of shape (..., k, n), "
-            f"got {tuple(a.shape)} and {tuple(b.shape)}"
-        )
-    if a.shape[-1] != b.shape[-2]:
-        raise ShapeError(
-            f"matmul: inner sizes differ, a is {tuple(a.shape)} (k={a.shape[-1]}) "
-            f"and b is {tuple(b.shape)} (k={b.shape[-2]})"
-        )
-    cache = MatmulCache(
-        a if need_b else None,
-        b if need_a else None,
-        tuple(a.shape) if need_a else None,
-        tuple(b.shape) if need_b else None,
-        a.dtype,
-        b.dtype,
-    )
+    contracts.matmul_shapes(a, b)
+    cache = MatmulCache.keep(a, b, need_a, need_b)
     dtype = cp.result_type(a, b)
     a_t, b_t = a.astype(dtype, copy=False), b.astype(dtype, copy=False)
     if a.ndim == 2 and b.ndim == 2:
@@ -149,13 +133,7 @@ def linear_forward(
     The cache keeps ``w`` only for ``dx`` (5) and ``x`` only for ``dw`` (6).
     """
     need_x, need_w, need_b = grad_flags("linear", needs_input_grad, 3)
-    if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[1]:
-        raise ShapeError(
-            f"linear expects x of shape (..., in) and w of shape (out, in), "
-            f"got {tuple(x.shape)} and {tuple(w.shape)}"
-        )
-    if b is not None and tuple(b.shape) != (w.shape[0],):
-        raise ShapeError(f"linear expects a bias of shape ({w.shape[0]},), got {tuple(b.shape)}")
+    contracts.linear_shapes(x, w, b)
     n_out, n_in = w.shape
     rows = math.prod(x.shape[:-1])
     dtype = cp.result_type(x, w)

@@ -381,27 +381,15 @@ def batch_norm_forward(
         )  # (3)
 
     ndim = x.ndim
-    need_gamma = need_gamma and gamma is not None
-    keep_xhat = need_gamma or (need_x and training)
+    keep_xhat = BatchNormCache.keeps_xhat(need_x, need_gamma and gamma is not None, training)
     args = (x, _per_channel(mean, ndim), _per_channel(inv_std, ndim))
     args += (_affine_arg(gamma, dtype, ndim, 1.0), _affine_arg(beta, dtype, ndim, 0.0))
     if keep_xhat:
         y, xhat = _affine(*args)  # (4), (5)
     else:
         y, xhat = _affine_y(*args), None  # (4), (5)
-    cache = BatchNormCache(
-        xhat,
-        inv_std,
-        gamma,
-        mean,
-        var,
-        bool(training),
-        count,
-        dtype if need_x else None,
-        gamma.dtype if need_gamma else None,
-        beta.dtype if beta is not None and need_beta else None,
-        ndim,
-    )
+    needs = (need_x, need_gamma, need_beta)
+    cache = BatchNormCache.keep(xhat, inv_std, gamma, beta, mean, var, training, count, dtype, ndim, needs)
     return y, cache
 
 

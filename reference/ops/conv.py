@@ -166,17 +166,7 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0, groups: int = 1, needs_inp
         y = _forward_general(x, w, stride, padding, groups, out_hw)
     if b is not None:
         y += b.reshape(1, w.shape[0], 1, 1)  # (1)
-    cache = Conv2dCache(
-        path,
-        x if need_w else None,  # (4) reads x
-        w if need_x else None,  # (5) reads w
-        tuple(x.shape),
-        tuple(w.shape),
-        stride,
-        padding,
-        groups,
-        (need_x, need_w, need_b and b is not None),
-    )
+    cache = Conv2dCache.keep(path, x, w, b is not None, stride, padding, groups, (need_x, need_w, need_b))
     return y, cache
 
 

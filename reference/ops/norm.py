@@ -137,21 +137,8 @@ def batch_norm_forward(
         y[...] = xhat
     if beta is not None:
         y += _per_channel(beta.astype(dtype, copy=False), x.ndim)  # (5)
-    need_gamma = need_gamma and gamma is not None
-    keep_xhat = need_gamma or (need_x and training)
-    cache = BatchNormCache(
-        xhat if keep_xhat else None,
-        inv_std,
-        gamma,
-        mean,
-        var,
-        bool(training),
-        count,
-        dtype if need_x else None,
-        gamma.dtype if need_gamma else None,
-        beta.dtype if beta is not None and need_beta else None,
-        x.ndim,
-    )
+    needs = (need_x, need_gamma, need_beta)
+    cache = BatchNormCache.keep(xhat, inv_std, gamma, beta, mean, var, training, count, dtype, x.ndim, needs)
     return y, cache
 
 
