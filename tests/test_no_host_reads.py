@@ -93,10 +93,13 @@ def _controller_by_hand(measured, progress, *, target, strength0, ramp_end, kp, 
         x = min(max(p / ramp_end, 0.0), 1.0)
         r = target * (1.0 - (1.0 - x) ** 3)  # (1)
         e = math.log((1.0 - s + DENSITY_FLOOR) / (1.0 - r + DENSITY_FLOOR))  # (2)
-        integral = min(max(integral + ki * e, -u_max), u_max)  # (3)
+        candidate = min(max(integral + ki * e, -u_max), u_max)  # (3)
         d = 0.0 if previous is None else e - previous
-        goal = 1.0 + kp * e + integral + kd * d  # (4)
-        u = min(max(u + min(max(goal - u, -max_step), max_step), -u_max), u_max)  # (5)
+        goal = 1.0 + kp * e + candidate + kd * d  # (4)
+        floor = -max_step if u <= 1.0 + max_step else 1.0 - u  # a strength above its start falls to it
+        if floor <= goal - u <= max_step:  # (5a): integrate only while the step is free
+            integral = candidate
+        u = min(max(u + min(max(goal - u, floor), max_step), -u_max), u_max)  # (5)
         previous = e
         out.append((u, integral, e, strength0 * math.sinh(u) / math.sinh(1.0)))  # (6)
     return out
@@ -118,10 +121,10 @@ def test_controller_takes_the_decisions_of_the_equations(kind):
     measured, progress = _measurements()
     expected = _controller_by_hand(measured, progress, target=0.8, strength0=2e-4, **SETTINGS)
     controller = TargetController(0.8, 2e-4, **SETTINGS)
-    hit_rate_limit = hit_bound = False
+    hit_rate_limit = hit_bound = fell_fast = held_integral = False
     for m, p, (u, integral, e, strength) in zip(measured, progress, expected):
         value = np.asarray(m, dtype=np.float64) if kind == "array" else m
-        before = float(controller.u)
+        before, integral_before = float(controller.u), float(controller.integral)
         got = controller.update(value, p)
         assert (type(got) is float) == (kind == "float")  # arrays stay arrays (NumPy scalars here)
         for name, actual, wanted in (("u", controller.u, u), ("I", controller.integral, integral),
@@ -129,7 +132,10 @@ def test_controller_takes_the_decisions_of_the_equations(kind):
             assert float(actual) == pytest.approx(wanted, rel=1e-12, abs=1e-15), name
         hit_rate_limit |= abs(float(controller.u) - before) == pytest.approx(SETTINGS["max_step"])
         hit_bound |= abs(u) == pytest.approx(math.asinh(SETTINGS["limit"] * math.sinh(1.0)))
+        fell_fast |= before - float(controller.u) > SETTINGS["max_step"] * 1.5 and u == pytest.approx(1.0)
+        held_integral |= abs(e) > 0.1 and float(controller.integral) == integral_before
     assert hit_rate_limit and hit_bound, "the sequence must reach the rate limit and a bound"
+    assert fell_fast and held_integral, "the sequence must fall back to the start and hold the integral"
     assert controller.updates == len(measured)
     assert controller.ramp(1.0) == cubic_ramp(1.0, 0.8, SETTINGS["ramp_end"])
 
@@ -261,7 +267,7 @@ def test_a_read_inside_a_step_is_caught_and_named(tmp_path):
 
     config = _device_config(tmp_path, "resnet20", "dense")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("reference.sparsity.build_method", lambda config: ReadingDense())
+        patch.setattr("reference.build.build_method", lambda config, budget=None: ReadingDense())
         with emulation.device(), emulation.no_host_reads(allow=ALLOWED):
             with pytest.raises(emulation.HostRead, match=r"float\(\).* in .*ReadingDense\.after_step"):
                 training.train(config, data=_tiny_data(), log=quiet)

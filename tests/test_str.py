@@ -249,6 +249,24 @@ def test_target_run_reaches_the_target_and_logs_requested_and_achieved(tmp_path)
     assert result.metrics["test_acc"] > 0.9
 
 
+# A CIFAR-shaped ResNet-20 (width 0.25, 16x16 synthetic images) asked for 80 % in a few epochs of
+# 32 steps, from the default s_init = -5: thresholds that prune nothing for the first steps, then
+# sparsity that runs. The controller must land within two points of the target all the same.
+SHORT_RUN = {
+    "model": "resnet20", "dataset": "synthetic", "width": 0.25, "image_size": 16, "batch_size": 64,
+    "lr": 0.1, "warmup_epochs": 1, "label_smoothing": 0.1, "method": "str", "target_sparsity": 0.8,
+    "progress": False,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("epochs", [3, 5])
+def test_the_controller_lands_near_the_target_on_a_short_run(tmp_path, epochs):
+    result = train(TrainConfig(**SHORT_RUN, epochs=epochs, run_dir=str(tmp_path / "run")), log=lambda _: None)
+    achieved = result.metrics["sparsity"]
+    assert abs(achieved - 0.8) <= 0.02, [round(row["sparsity"], 4) for row in result.history]
+    assert result.metrics["test_acc"] > 0.9
+
+
 def test_resume_with_a_controller_is_bit_identical(tmp_path):
     changes = {"target_sparsity": 0.5, "epochs": 3}
     full, _, _ = check_resume(lambda run: _tiny(tmp_path, run, **changes), tmp_path, stop_after=2)

@@ -26,13 +26,18 @@ weights, an error of log 2; around 50 % it is the absolute error up to a factor 
 The control law, on a signed log-strength ``u``, with ``e_prev`` the previous
 update's error::
 
-    I    = clip(I + ki * e, -u_max, u_max)                                    (3)
-    goal = 1 + kp * e + I + kd * (e - e_prev)                                 (4)
-    u    = clip(u + clip(goal - u, -max_step, max_step), -u_max, u_max)       (5)
+    I'   = clip(I + ki * e, -u_max, u_max)                                   (3)
+    goal = 1 + kp * e + I' + kd * (e - e_prev)                                (4)
+    step = clip(goal - u, min(-max_step, 1 - u), max_step)                    (5)
+    u    = clip(u + step, -u_max, u_max)
+    I    = I if step != goal - u else I'                                      (5a)
     strength = strength0 * sinh(u) / sinh(1)                                  (6)
 
 ``u`` starts at 1 (``strength = strength0``) and ``u_max = asinh(limit sinh(1))``
-bounds ``|strength|`` by ``limit * strength0``.
+bounds ``|strength|`` by ``limit * strength0``. The step (5) rises by at most
+``max_step``; it falls by at most ``max_step`` too, except that a strength above
+its start may fall straight back to the start (``u = 1``) in one update. (5a):
+while the step is rate-limited, the integral keeps its value.
 
 Why this design (each choice was needed on the digits CNN, 15 epochs,
 targets 0.5 / 0.8 / 0.9; both methods end within about one point of the target):
@@ -65,6 +70,15 @@ targets 0.5 / 0.8 / 0.9; both methods end within about one point of the target):
   does not respond (STR with ``sigmoid(s)`` far below the weights' scale), the
   strength grows by at most ``exp(max_step)`` per update and never past
   ``limit`` times its start.
+- Conditional integration (5a) and the fast fall in (5), both for short runs:
+  STR from ``s_init = -5`` prunes nothing until ``sigmoid(s)`` reaches the
+  weights' scale, so the error stays large while the strength climbs at the
+  rate limit. Integrating that error as well (the integral then grew to its
+  bound) and falling back only ``max_step`` per update made a 3-epoch
+  ResNet-20 run asked for 80 % jump from 13 % to 98 % within ten steps and stay
+  at 91 % (61 % test accuracy): the push kept rising for as long as it had
+  risen. With (5a) the integral holds only what the free steps needed, and
+  once the sparsity runs, the strength returns to its start in one update.
 - Cheap: the measurement is one comparison per weight (``|W| <= g`` for STR,
   ``W^2 <= tau`` for LTP) after each step; the rest is a few float operations.
 - On the device, every step, with no read: on the GPU the measurement (a count
@@ -132,6 +146,18 @@ def _clip(x: Any, low: float, high: float) -> Any:
         xp = array_module(x)
         return xp.minimum(xp.maximum(x, low), high)
     return min(max(x, low), high)
+
+
+def _minimum(a: Any, b: Any) -> Any:
+    """``min(a, b)`` (for arrays, element-wise)."""
+    return array_module(b).minimum(a, b) if _is_array(b) else min(a, b)
+
+
+def _select(condition: Any, if_true: Any, if_false: Any) -> Any:
+    """``if_true if condition else if_false``; for an array condition, the element-wise select."""
+    if _is_array(condition):
+        return array_module(condition).where(condition, if_true, if_false)
+    return if_true if condition else if_false
 
 
 def _number(x: Any) -> float:
@@ -243,11 +269,13 @@ class TargetController:
         """
         wanted = self.ramp(progress)
         error = _log((1.0 - measured + DENSITY_FLOOR) / (1.0 - wanted + DENSITY_FLOOR))  # (2)
-        self.integral = _clip(self.integral + self.ki * error, -self.u_max, self.u_max)  # (3)
+        integral = _clip(self.integral + self.ki * error, -self.u_max, self.u_max)  # (3)
         change = 0.0 if self.updates == 0 else error - self.error
-        goal = 1.0 + self.kp * error + self.integral + self.kd * change  # (4)
-        step = _clip(goal - self.u, -self.max_step, self.max_step)  # (5)
+        goal = 1.0 + self.kp * error + integral + self.kd * change  # (4)
+        wanted_step = goal - self.u
+        step = _clip(wanted_step, _minimum(-self.max_step, 1.0 - self.u), self.max_step)  # (5)
         self.u = _clip(self.u + step, -self.u_max, self.u_max)  # (5)
+        self.integral = _select(step == wanted_step, integral, self.integral)  # (5a)
         self.error = error
         self.measured = measured if _is_array(measured) else float(measured)
         self.updates += 1
