@@ -225,73 +225,48 @@ class Tensor:
             leaf.grad = g if leaf.grad is None else leaf.grad + g
 
     # ------------------------------------------------------------- operators
-    # Thin sugar over the functional API, imported late to avoid a cycle.
+    # Sugar for the ops of the same name (reference.functional routes the same
+    # way): each records one op on the tape through apply, defined below.
     def __add__(self, other):
-        from reference import functional as F
-
-        return F.add(self, other)
+        return apply("add", self, other)
 
     def __radd__(self, other):
-        from reference import functional as F
-
-        return F.add(other, self)
+        return apply("add", other, self)
 
     def __sub__(self, other):
-        from reference import functional as F
-
-        return F.sub(self, other)
+        return apply("sub", self, other)
 
     def __rsub__(self, other):
-        from reference import functional as F
-
-        return F.sub(other, self)
+        return apply("sub", other, self)
 
     def __mul__(self, other):
-        from reference import functional as F
-
-        return F.mul(self, other)
+        return apply("mul", self, other)
 
     def __rmul__(self, other):
-        from reference import functional as F
-
-        return F.mul(other, self)
+        return apply("mul", other, self)
 
     def __truediv__(self, other):
-        from reference import functional as F
-
-        return F.div(self, other)
+        return apply("div", self, other)
 
     def __rtruediv__(self, other):
-        from reference import functional as F
-
-        return F.div(other, self)
+        return apply("div", other, self)
 
     def __neg__(self):
-        from reference import functional as F
-
-        return F.mul(self, -1.0)
+        return apply("mul", self, -1.0)
 
     def __matmul__(self, other):
-        from reference import functional as F
-
-        return F.matmul(self, other)
+        return apply("matmul", self, other)
 
     def sum(self, axis=None, keepdims: bool = False):
-        from reference import functional as F
-
-        return F.sum(self, axis=axis, keepdims=keepdims)
+        return apply("sum", self, axis=axis, keepdims=keepdims)
 
     def mean(self, axis=None, keepdims: bool = False):
-        from reference import functional as F
-
-        return F.mean(self, axis=axis, keepdims=keepdims)
+        return apply("mean", self, axis=axis, keepdims=keepdims)
 
     def reshape(self, *shape):
-        from reference import functional as F
-
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
-        return F.reshape(self, shape)
+        return apply("reshape", self, shape=tuple(shape))
 
 
 def _topological_order(root: Node) -> list[Node]:

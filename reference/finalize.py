@@ -39,7 +39,8 @@ from typing import Any
 import numpy as np
 
 from reference.autodiff import as_array, no_grad
-from reference.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from reference.build import build_data, build_model_and_method
+from reference.checkpoint import Checkpoint, check_finite, load_checkpoint, save_checkpoint
 from reference.config import TrainConfig
 from reference.errors import CheckpointError, ConfigError
 from reference.files import refuse_overwriting_inputs
@@ -182,8 +183,6 @@ def data_shape(config: TrainConfig) -> tuple[tuple[int, int, int], int]:
     """
     known = _dataset_shapes(config)
     if known is None:
-        from reference.train import build_data
-
         data = build_data(config)
         image_shape, classes = tuple(int(d) for d in data.x_train.shape[1:]), int(data.num_classes)
     else:
@@ -236,7 +235,6 @@ def load_model_from_checkpoint(ckpt: str | Path | Checkpoint, *, data: Any = Non
     Raises CheckpointError when the checkpoint's config is unusable or its
     arrays do not fit the model.
     """
-    from reference.train import build_model_and_method
 
     if not isinstance(ckpt, Checkpoint):
         ckpt = load_checkpoint(ckpt)
@@ -296,7 +294,8 @@ def finalize_checkpoint(
 
     With ``trail_sparsity``, the snapshot of the run's trail (``trail/`` next
     to ``src``) chosen for that sparsity is finalized instead. Everything is
-    checked before ``dst`` is written; the write is atomic. A ``dst`` that is
+    checked before ``dst`` is written, including that the checkpoint read
+    holds only finite values; the write is atomic. A ``dst`` that is
     ``src`` (or the trail snapshot read), by any path to it, is refused: the
     training checkpoint would be lost.
     """
@@ -306,7 +305,7 @@ def finalize_checkpoint(
             raise CheckpointError(f"checkpoint {str(src)!r} does not exist")
         src = pick_trail_checkpoint(src, trail_sparsity)
         refuse_overwriting_inputs(dst, [src], "finalize")
-    restored = load_model_from_checkpoint(src)
+    restored = load_model_from_checkpoint(check_finite(load_checkpoint(src)))  # the file actually read
     summary = finalize(restored.model)
     ckpt = restored.checkpoint
     record = {

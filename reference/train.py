@@ -69,8 +69,10 @@ import numpy as np
 
 from reference.autodiff import Tensor, no_grad
 from reference.backend import array_module, check_device, device_of, to_device
+from reference.build import build_data, build_model_and_method, build_model_for, param_groups
 from reference.checkpoint import Checkpoint, first_non_finite, load_checkpoint, save_checkpoint
 from reference.config import TrainConfig, schedule_of
+from reference.distributed import Communicator, DataParallel, world
 from reference.errors import CheckpointError, ConfigError, DataError, DivergenceError
 from reference.files import write_atomic
 from reference.functional import softmax_cross_entropy
@@ -138,71 +140,7 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------
-# Building blocks
-
-
-def build_data(config: TrainConfig, *, data_root: str | None = None):
-    """The data set named by ``config`` (``data_root`` overrides ``config.data_root``)."""
-    from reference.data import load_dataset
-
-    size = config.image_size
-    return load_dataset(
-        config.dataset,
-        root=data_root if data_root is not None else config.data_root,
-        seed=config.seed,
-        image_shape=(3, size, size),
-        num_classes=config.num_classes if config.num_classes is not None else 10,
-        train_size=config.train_size,
-        test_size=config.test_size,
-        workers=config.workers,
-    )
-
-
-def _num_classes(config: TrainConfig, data) -> int:
-    if config.num_classes is None:
-        return int(data.num_classes)
-    if config.num_classes < data.num_classes:
-        raise ConfigError(
-            f"num_classes must be at least {data.num_classes} (the classes of data set "
-            f"{config.dataset!r}), got {config.num_classes}"
-        )
-    return config.num_classes
-
-
-def build_model_for(config: TrainConfig, data):
-    """The model named by ``config``, sized for ``data``, initialised from ``config.seed``,
-    with its sparsity method installed (so a sparse checkpoint loads into it)."""
-    return build_model_and_method(config, data)[0]
-
-
-def build_model_and_method(config: TrainConfig, data):
-    """``(model, method)``: :func:`build_model_for` and the method it installed."""
-    from reference.models import build_model
-    from reference.sparsity import build_method
-
-    model = build_model(
-        config.model,
-        num_classes=_num_classes(config, data),
-        in_channels=int(data.x_train.shape[1]),
-        width=config.width,
-        rng=np.random.default_rng([config.seed, 1 << 20]),
-        dtype=np.float32,
-    )
-    method = build_method(config)
-    method.attach(model)
-    return model, method
-
-
-def param_groups(model, config: TrainConfig, method=None) -> list[dict[str, Any]]:
-    """The optimizer's parameter groups, as the sparsity method splits them.
-
-    Dense training has one group with the configured weight decay on every
-    parameter; methods split it (thresholds decayed differently, no decay on a
-    BN shift). The group names are stored in checkpoints.
-    """
-    from reference.sparsity import Dense
-
-    return (method or Dense()).param_groups(model, config)
+# Randomness
 
 
 def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
@@ -210,9 +148,10 @@ def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch])
 
 
-def _method_rng(seed: int, epoch: int) -> np.random.Generator:
-    """The sparsity method's randomness in epoch ``epoch`` (e.g. SCP's mask noise)."""
-    return np.random.default_rng([seed, epoch, 1])
+def _method_rng(seed: int, epoch: int, rank: int = 0) -> np.random.Generator:
+    """The sparsity method's randomness in epoch ``epoch`` (e.g. SCP's mask noise) on rank ``rank``
+    of a data-parallel run (rank 0 draws what a single process draws)."""
+    return np.random.default_rng([seed, epoch, 1] if rank == 0 else [seed, epoch, 1, rank])
 
 
 # ---------------------------------------------------------------------------
@@ -477,12 +416,29 @@ class _RunningSums:
         )
 
 
-def _train_step(model, optimizer, method, ctx, xb, yb, config: TrainConfig, sums: _RunningSums):
+def _train_step(
+    model,
+    optimizer,
+    method,
+    ctx,
+    xb,
+    yb,
+    config: TrainConfig,
+    sums: _RunningSums,
+    dp: DataParallel | None = None,
+):
     """One optimizer step on the batch ``(xb, yb)``: the method's hooks, forward, backward, update.
+
+    With several ranks (``dp``), ``(xb, yb)`` is the global batch: this rank
+    trains on its shard, and the gradients are summed over the ranks, weighted
+    by the shards' sizes, before the update (:mod:`reference.distributed`).
 
     Returns a non-finite objective (CPU only; nothing was updated) or None. On
     the GPU nothing here reads a device value back.
     """
+    weight = 1.0
+    if dp is not None and dp.active:
+        xb, yb, weight = dp.shard(xb, yb)
     method.before_step(model, ctx)
     if sums.on_gpu:
         xb, yb = _batch_on_device(xb, yb)
@@ -494,13 +450,17 @@ def _train_step(model, optimizer, method, ctx, xb, yb, config: TrainConfig, sums
     if bad is not None:
         return bad
     optimizer.zero_grad()
-    full.backward()
+    if dp is not None and dp.active:
+        full.backward(full.data * 0 + full.data.dtype.type(weight))  # this rank's share w_r of the objective
+        dp.reduce_gradients()  # sum_r of the ranks' gradients (reference.distributed (2))
+    else:
+        full.backward()
     optimizer.step()
     method.after_step(model, ctx)
     return None
 
 
-def _train_epoch(model, optimizer, schedule, data, config: TrainConfig, epoch: int, method):
+def _train_epoch(model, optimizer, schedule, data, config: TrainConfig, epoch: int, method, dp=None):
     """One epoch of SGD; returns (lr at the first step, mean task loss, accuracy).
 
     On the CPU the loss is read after every step (a non-finite loss stops the
@@ -530,7 +490,7 @@ def _train_epoch(model, optimizer, schedule, data, config: TrainConfig, epoch: i
     first_lr = schedule(epoch, 0, steps)
     optimizer.set_lr(first_lr)
     model.train()
-    method_rng = _method_rng(config.seed, epoch)
+    method_rng = _method_rng(config.seed, epoch, 0 if dp is None else dp.comm.rank)
     sums = _RunningSums(on_gpu)
 
     loss_limit = LOSS_LIMIT_FACTOR * math.log(data.num_classes)
@@ -555,7 +515,7 @@ def _train_epoch(model, optimizer, schedule, data, config: TrainConfig, epoch: i
             ctx = StepContext(epoch, step, steps, config.epochs, method_rng)
             if config.per_step:
                 optimizer.set_lr(schedule(epoch, step, steps))
-            bad = _train_step(model, optimizer, method, ctx, xb, yb, config, sums)
+            bad = _train_step(model, optimizer, method, ctx, xb, yb, config, sums, dp)
             if bad is not None:
                 raise diverged(step, bad, "step")
             if on_gpu and (step + 1) % GPU_READ_EVERY == 0:
@@ -572,6 +532,11 @@ def _train_epoch(model, optimizer, schedule, data, config: TrainConfig, epoch: i
     finally:
         bar.close()
     objective, mean_loss, accuracy = sums.totals()
+    if dp is not None and dp.active:  # the epoch's numbers over every rank's shards
+        loss_sum, objective, correct, seen = dp.sum_values(
+            [mean_loss * sums.seen, objective, accuracy * sums.seen, sums.seen]
+        )
+        mean_loss, accuracy = loss_sum / seen, round(correct) / seen
     if on_gpu and not math.isfinite(objective):
         raise diverged(steps - 1, objective, "by step")
     check_growth(steps - 1, mean_loss)
@@ -594,6 +559,12 @@ class _Run:
     best_acc: float = -1.0
     best_epoch: int = 0
     committed: int = 0  # the epoch the run directory's checkpoint holds (0: none yet)
+    dp: DataParallel | None = None  # the ranks of a data-parallel run (None: this process alone)
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the run directory (rank 0 of a data-parallel run)."""
+        return self.dp is None or self.dp.comm.rank == 0
 
     @property
     def checkpoint_path(self) -> Path:
@@ -616,7 +587,7 @@ def _build(config: TrainConfig, data):
     return model, method, optimizer, schedule_of(config)
 
 
-def _restore(ckpt: Checkpoint, config: TrainConfig, model, method, optimizer):
+def _restore(ckpt: Checkpoint, config: TrainConfig, model, method, optimizer, world_size: int = 1):
     """Load ``ckpt`` into the model, optimizer and method; returns (epoch, history, best_acc, best_epoch)."""
     where = str(ckpt.path)
     try:
@@ -630,6 +601,12 @@ def _restore(ckpt: Checkpoint, config: TrainConfig, model, method, optimizer):
     history = [dict(row) for row in ckpt.metrics]
     extra = ckpt.extra if isinstance(ckpt.extra, dict) else {}
     method.load_state_dict(extra.get("method", {}))
+    saved_world = int(extra.get("world_size", 1))
+    if saved_world != world_size:
+        raise ConfigError(
+            f"checkpoint {where!r} was trained on {saved_world} process(es); resume it on {saved_world} "
+            f"(mpiexec -n {saved_world}), not {world_size}, to continue the same run"
+        )
     best_acc = float(extra.get("best_acc", max((r["test_acc"] for r in history), default=-1.0)))
     return ckpt.epoch, history, best_acc, int(extra.get("best_epoch", 0))
 
@@ -643,7 +620,7 @@ def _run_epoch(run: _Run, epoch: int) -> None:
     path = run.checkpoint_path
     try:
         lr, train_loss, train_acc = _train_epoch(
-            run.model, run.optimizer, run.schedule, run.data, run.config, epoch, run.method
+            run.model, run.optimizer, run.schedule, run.data, run.config, epoch, run.method, run.dp
         )
         train_seconds = time.perf_counter() - t_epoch  # the steps alone (they end with a device read)
     except DivergenceError as exc:
@@ -696,8 +673,10 @@ def _finish_epoch(
     from reference.sparsity import StepContext
 
     config, model, method = run.config, run.model, run.method
+    if run.dp is not None:
+        run.dp.end_epoch(model)  # the ranks' batch-norm running statistics averaged; replicas checked
     _check_finite_state(run, epoch)
-    test_loss, test_acc = _evaluate_data(model, run.data, config.eval_batch_size)
+    test_loss, test_acc = _evaluate_ranks(model, run.data, config.eval_batch_size, run.dp)
     if not math.isfinite(test_loss):  # the last update broke the weights: keep the old checkpoint
         path = run.checkpoint_path
         last_good = f"; the last good checkpoint is {str(path)!r}" if path.exists() else ""
@@ -735,24 +714,77 @@ def _finish_epoch(
             "best_epoch": run.best_epoch,
             "rng": {"seed": config.seed, "epoch": epoch + 1},
             "method": method.state_dict(),
+            "world_size": 1 if run.dp is None else run.dp.comm.size,
         },
     }
-    # The epoch's records first, the checkpoint last: it commits the epoch (reference.rundir).
-    if method.keeps_trail:
+    if run.writes:
+        _write_epoch(run, epoch, state, method_stats, improved)
+    run.committed = epoch + 1
+    run.log(
+        f"epoch {epoch + 1:>3}/{config.epochs}  lr {lr:.4g}  train loss {train_loss:.4f} acc {train_acc:.2%}  "
+        f"test loss {test_loss:.4f} acc {test_acc:.2%}  "
+        f"{method.sparsity_label} {row['sparsity']:.2%}  ({row['seconds']:.1f}s)"
+    )
+
+
+def _write_epoch(run: _Run, epoch: int, state: dict[str, Any], method_stats: dict[str, Any], improved: bool):
+    """The epoch's records first, the checkpoint last: it commits the epoch (reference.rundir)."""
+    if run.method.keeps_trail:
         (run.run_dir / "trail").mkdir(exist_ok=True)
         save_checkpoint(run.run_dir / "trail" / f"epoch_{epoch + 1:03d}.npz", **state)
     if method_stats:
         _append_jsonl(run.run_dir / "layers.jsonl", {"epoch": epoch + 1, **method_stats})
     _write_metrics(run.run_dir, run.history)
     save_checkpoint(run.checkpoint_path, **state)
-    run.committed = epoch + 1
     if improved:  # after the commit: a resume rewrites it from the checkpoint if this write is lost
         save_checkpoint(run.run_dir / "best.npz", **state)
-    run.log(
-        f"epoch {epoch + 1:>3}/{config.epochs}  lr {lr:.4g}  train loss {train_loss:.4f} acc {train_acc:.2%}  "
-        f"test loss {test_loss:.4f} acc {test_acc:.2%}  "
-        f"{method.sparsity_label} {row['sparsity']:.2%}  ({row['seconds']:.1f}s)"
-    )
+
+
+def _evaluate_ranks(model, data, batch_size: int, dp: DataParallel | None) -> tuple[float, float]:
+    """:func:`_evaluate_data`, or with several ranks, each evaluating its contiguous share of the
+    test split (:func:`reference.distributed.shard_bounds`) and the sums added over the ranks."""
+    if dp is None or not dp.active:
+        return _evaluate_data(model, data, batch_size)
+    from reference.distributed import shard_bounds
+
+    comm = dp.comm
+    if batch_size <= 0:
+        raise ConfigError(f"eval batch size must be a positive integer, got {batch_size!r}")
+    if data.stream is None:
+        lo, hi = shard_bounds(len(data.y_test), comm.rank, comm.size)
+        batches = (
+            (
+                data.x_test[start : min(start + batch_size, hi)],
+                data.y_test[start : min(start + batch_size, hi)],
+            )
+            for start in range(lo, hi, batch_size)
+        )
+    else:  # every size-th batch of the stream, from this rank's position
+        stream = data.test_batches(batch_size, normalize=_model_device(model) == "cpu")
+        batches = (b for i, b in enumerate(stream) if i % comm.size == comm.rank)
+    seen = 0
+
+    def counted():
+        nonlocal seen
+        for xb, yb in batches:
+            seen += len(yb)
+            yield xb, yb
+
+    loss, acc = evaluate_batches(model, counted()) if _has_items(comm, data, batch_size) else (0.0, 0.0)
+    loss_sum, correct, total = dp.sum_values([loss * seen, acc * seen, seen])
+    if total == 0:
+        raise DataError("evaluate: the evaluation split is empty")
+    return float(loss_sum / total), round(correct) / float(total)
+
+
+def _has_items(comm: Communicator, data, batch_size: int) -> bool:
+    """Whether rank ``comm.rank`` has any of the test split to evaluate."""
+    from reference.distributed import shard_bounds
+
+    if data.stream is None:
+        lo, hi = shard_bounds(len(data.y_test), comm.rank, comm.size)
+        return hi > lo
+    return comm.rank < -(-data.num_test // batch_size)  # the stream's batch number ``rank`` exists
 
 
 def _finish_run(run: _Run, start_epoch: int, t_start: float) -> TrainResult:
@@ -786,6 +818,7 @@ def train(
     log: Log = print,
     stop_after: int | None = None,
     data=None,
+    comm: Communicator | None = None,
 ) -> TrainResult:
     """Train (or resume) the run described by ``config``; see the module docstring.
 
@@ -802,6 +835,11 @@ def train(
     one ``config`` names (a data set built in code; ``config.dataset`` then
     only labels the run).
 
+    ``comm`` is the communicator of a data-parallel run
+    (:mod:`reference.distributed`); by default, the MPI world when an MPI
+    launcher started this process with others, else a world of one. Every
+    rank builds the same model; only rank 0 writes the run directory.
+
     Every problem with the input (config, data, checkpoint) is raised before
     the run directory is created or touched.
     """
@@ -811,55 +849,108 @@ def train(
         isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1
     ):
         raise ConfigError(f"stop_after must be a positive integer, got {stop_after!r}")
+    comm = world() if comm is None else comm
+    if comm.rank != 0:  # one log for the run: rank 0's
+        log = _quiet
     t_start = time.perf_counter()
 
-    # 1. Everything that can fail on bad input, before writing anything.
-    ckpt = None
-    if resume is not None:
-        ckpt = resume if isinstance(resume, Checkpoint) else load_checkpoint(resume)
-        _check_resume_config(_saved_config(ckpt), config, ckpt.path)
-    check_device(config.device)  # a missing GPU is reported before anything is built or written
-    if config.device == "cuda":
-        from gpu import runtime
+    # 1. Everything that can fail on bad input, before writing anything (on every rank alike).
+    with comm.agreed():
+        ckpt = None
+        if resume is not None:
+            ckpt = resume if isinstance(resume, Checkpoint) else load_checkpoint(resume)
+            _check_resume_config(_saved_config(ckpt), config, ckpt.path)
+            if config.epochs < ckpt.epoch:
+                raise ConfigError(
+                    f"epochs={config.epochs} is fewer than the {ckpt.epoch} epochs checkpoint "
+                    f"{str(ckpt.path)!r} has already trained; give {ckpt.epoch} or more to continue it"
+                )
+        check_device(config.device)  # a missing GPU is reported before anything is built or written
+        if config.device == "cuda":
+            from gpu import runtime
 
-        runtime.set_precision(config.precision)
-    if data is None:
-        data = build_data(config)
-    model, method, optimizer, schedule = _build(config, data)
-    history: list[dict[str, float]] = []
-    start_epoch, best_acc, best_epoch = 0, -1.0, 0
-    if ckpt is not None:
-        start_epoch, history, best_acc, best_epoch = _restore(ckpt, config, model, method, optimizer)
+            if comm.size > 1:  # one GPU per rank, chosen by the rank's place on its node
+                from gpu.distributed import use_local_device
 
-    run_dir = _run_dir_for(config, ckpt)
-    _check_run_dir(run_dir, ckpt)
+                use_local_device(comm)
+            runtime.set_precision(config.precision)
+        if data is None:
+            data = build_data(config)
+        _check_shards(config, data, comm)
+        model, method, optimizer, schedule = _build(config, data)
+        history: list[dict[str, float]] = []
+        start_epoch, best_acc, best_epoch = 0, -1.0, 0
+        if ckpt is not None:
+            start_epoch, history, best_acc, best_epoch = _restore(
+                ckpt, config, model, method, optimizer, comm.size
+            )
+        run_dir = _run_dir_for(config, ckpt)
+        if comm.rank == 0:
+            _check_run_dir(run_dir, ckpt)
+    run_dir = Path(comm.bcast(str(run_dir)))  # rank 0's choice (a new run's name holds the time)
     config = config.replace(run_dir=str(run_dir))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    dp = DataParallel(comm, params, sync_bn=config.sync_bn) if comm.size > 1 else None
+    if dp is not None and config.sync_bn:
+        dp.attach_sync_bn(model)
 
-    # 2. The run directory, locked while this process trains there (reference.rundir).
+    # 2. The run directory, locked while this run trains there (reference.rundir); rank 0's alone.
+    with contextlib.ExitStack() as stack:
+        created = False
+        with comm.agreed():
+            if comm.rank == 0:
+                created = _enter_run_dir(stack, run_dir, ckpt)
+        run = _Run(
+            config, data, model, method, optimizer, schedule, run_dir, log, history, best_acc, best_epoch
+        )
+        run.committed = start_epoch
+        run.dp = dp
+        try:
+            return _train_locked(run, ckpt, start_epoch, stop_after, t_start)
+        except BaseException:
+            if run.writes and ckpt is None and run.committed == 0:  # never committed an epoch: leave nothing
+                discard(run_dir, created=created)
+            raise
+        finally:
+            if dp is not None:
+                dp.detach_sync_bn(model)  # the returned model normalises its own batches
+
+
+def _quiet(message: str) -> None:
+    """The log of a rank other than 0."""
+
+
+def _check_shards(config: TrainConfig, data, comm: Communicator) -> None:
+    """ConfigError unless every batch of an epoch gives every rank at least one image."""
+    if comm.size == 1:
+        return
+    last = data.num_train % config.batch_size or config.batch_size
+    smallest = min(config.batch_size, last, data.num_train)
+    if smallest < comm.size:
+        raise ConfigError(
+            f"batch_size {config.batch_size} over {comm.size} processes: the epoch's "
+            f"{'last ' if smallest == last < config.batch_size else ''}batch holds {smallest} images, "
+            f"fewer than the {comm.size} processes; give a batch size whose every batch "
+            f"({data.num_train} training images) has at least one image per process"
+        )
+
+
+def _enter_run_dir(stack: contextlib.ExitStack, run_dir: Path, ckpt: Checkpoint | None) -> bool:
+    """Create and lock ``run_dir`` (the lock held until ``stack`` closes); returns whether it was created."""
     created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot write to run_dir {str(run_dir)!r}: {exc.strerror or exc}") from None
-    with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(held_lock(run_dir))
-            _check_run_dir(run_dir, ckpt)  # again, now that no other trainer can change it
-        except ConfigError:
-            if created:  # nothing of ours in it: leave no empty directory behind
-                with contextlib.suppress(OSError):
-                    run_dir.rmdir()
-            raise
-        run = _Run(
-            config, data, model, method, optimizer, schedule, run_dir, log, history, best_acc, best_epoch
-        )
-        run.committed = start_epoch
-        try:
-            return _train_locked(run, ckpt, start_epoch, stop_after, t_start)
-        except BaseException:
-            if ckpt is None and run.committed == 0:  # a run that never committed an epoch leaves nothing
-                discard(run_dir, created=created)
-            raise
+    try:
+        stack.enter_context(held_lock(run_dir))
+        _check_run_dir(run_dir, ckpt)  # again, now that no other trainer can change it
+    except ConfigError:
+        if created:  # nothing of ours in it: leave no empty directory behind
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+        raise
+    return created
 
 
 def _train_locked(
@@ -867,35 +958,44 @@ def _train_locked(
 ):
     """The part of :func:`train` that runs with the run directory locked: bring the directory to
     the checkpoint's epoch (:func:`reference.rundir.roll_back`), write the config, train."""
-    config, run_dir, data, log, history = run.config, run.run_dir, run.data, run.log, run.history
-    try:
-        roll_back(
-            run_dir, start_epoch, best_epoch=run.best_epoch, checkpoint=None if ckpt is None else ckpt.path
-        )
-        _write_config(run_dir, config)
-        if history:
-            _write_metrics(run_dir, history)
-    except OSError as exc:
-        raise ConfigError(f"cannot write to run_dir {str(run_dir)!r}: {exc.strerror or exc}") from None
+    config, run_dir, data, log = run.config, run.run_dir, run.data, run.log
+    with (Communicator() if run.dp is None else run.dp.comm).agreed():
+        if run.writes:
+            _prepare_run_dir(run, ckpt, start_epoch)
     end_epoch = config.epochs if stop_after is None else min(config.epochs, stop_after)
     if ckpt is not None:
         log(f"resuming {str(ckpt.path)!r} after epoch {start_epoch} of {config.epochs}")
     log(
         f"training {config.model} on {config.dataset} ({data.num_train} train / {data.num_test} test "
-        f"images of shape {tuple(data.x_train.shape[1:])}) for {config.epochs} epochs on {_device_text(config)}; "
-        f"run dir {str(run_dir)!r}"
+        f"images of shape {tuple(data.x_train.shape[1:])}) for {config.epochs} epochs "
+        f"on {_device_text(config, run.dp)}; run dir {str(run_dir)!r}"
     )
     for epoch in range(start_epoch, end_epoch):
         _run_epoch(run, epoch)
     return _finish_run(run, start_epoch, t_start)
 
 
-def _device_text(config: TrainConfig) -> str:
+def _prepare_run_dir(run: _Run, ckpt: Checkpoint | None, start_epoch: int) -> None:
+    """Bring the run directory to the checkpoint's epoch and write the config (and metrics so far)."""
+    run_dir = run.run_dir
+    try:
+        roll_back(
+            run_dir, start_epoch, best_epoch=run.best_epoch, checkpoint=None if ckpt is None else ckpt.path
+        )
+        _write_config(run_dir, run.config)
+        if run.history:
+            _write_metrics(run_dir, run.history)
+    except OSError as exc:
+        raise ConfigError(f"cannot write to run_dir {str(run_dir)!r}: {exc.strerror or exc}") from None
+
+
+def _device_text(config: TrainConfig, dp: DataParallel | None = None) -> str:
+    ranks = "" if dp is None else f", {dp.comm.size} processes"
     if config.device == "cpu":
-        return "the CPU"
+        return f"the CPU{ranks}"
     from gpu import runtime
 
-    return f"{runtime.describe()['device']} ({config.precision})"
+    return f"{runtime.describe()['device']} ({config.precision}{ranks})"
 
 
 def _summary(result: TrainResult, data, log: Log) -> None:
@@ -912,6 +1012,6 @@ def _summary(result: TrainResult, data, log: Log) -> None:
     if result.config.method == "dense":
         log(summarize_model(result.model, tuple(data.x_test.shape[1:])))
     else:  # the sparsity report: per-layer thresholds, nonzeros and MACs in evaluation mode
-        from reference.report import report_text
+        from reference.summary import report_text
 
         log(report_text(result.model, tuple(data.x_test.shape[1:])))

@@ -43,13 +43,14 @@ def pytest_collection_modifyitems(config, items):
     if _emulating():
         return
 
-    why = unavailable_reason() if any("gpu" in item.keywords for item in items) else None
+    # the marker, not item.keywords: a parameter id "gpu" (a module of that name) is no GPU test
+    marked = [item for item in items if item.get_closest_marker("gpu") is not None]
+    why = unavailable_reason() if marked else None
     if why is None:
         return
     skip = pytest.mark.skip(reason=f"needs a CUDA GPU: {why}")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    for item in marked:
+        item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from reference.accounting import profile, totals
+from reference.build import budget_from_checkpoint, load_budget
 from reference.config import TrainConfig
 from reference.errors import ConfigError, DataError
 from reference.models import build_model
@@ -18,10 +19,8 @@ from reference.sparsity.budgets import (
     STR_RESNET50,
     budget_columns,
     budget_cost,
-    budget_from_checkpoint,
     check_budget,
     cost_budget_report,
-    load_budget,
     read_budget_csv,
 )
 from reference.sparsity.magnitude import MagnitudePruning, keep_count
@@ -175,6 +174,12 @@ def test_budget_transfer_reproduces_the_source_budget_per_layer(tmp_path):
     # a checkpoint holds one budget: a column makes no sense
     with pytest.raises(ConfigError, match="applies to budget CSV files only"):
         build_method(second.replace(budget_column="90.23", run_dir=str(tmp_path / "c")))
+    # measuring a checkpoint rebuilds its model: the method layer leaves that to reference.build
+    with pytest.raises(ConfigError, match="is a checkpoint: read it with reference.build.load_budget"):
+        build_method(second)
+    assert build_method(second, budget=measured).budget == measured
+    with pytest.raises(ConfigError, match="method 'str' takes no budget"):
+        build_method(TrainConfig(method="str"), budget=measured)
 
 
 # ------------------------------------------------------------------ cost

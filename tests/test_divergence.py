@@ -147,7 +147,7 @@ def _inf_running_var(model):
 def test_a_non_finite_buffer_or_gradient_after_the_epoch_stops_before_anything_is_written(
     tmp_path, monkeypatch, spoil, named
 ):
-    monkeypatch.setattr("reference.sparsity.build_method", lambda config: _Spoil(spoil))
+    monkeypatch.setattr("reference.build.build_method", lambda config, budget=None: _Spoil(spoil))
     with pytest.raises(
         DivergenceError, match=rf"epoch 2: {named} holds a NaN or an infinity.*checkpoint\.npz"
     ):
@@ -245,3 +245,20 @@ def test_an_infinite_buffer_or_momentum_is_refused_by_name(where, named, good_ch
     assert named in one_error_line(err)
     with pytest.raises(CheckpointError, match=named.strip("'")):
         check_finite(load_checkpoint(bad))
+
+
+def test_finalize_from_the_trail_checks_the_snapshot_it_reads(tmp_path, capsys):
+    """``--trail-sparsity`` finalizes a trail snapshot: that file is checked, not only the one named."""
+    run_dir = tmp_path / "ltp"
+    assert main(["train", "--epochs", "2", "--width", "0.5", "--batch-size", "64", "--quiet",
+                 "--method", "ltp", "--run-dir", str(run_dir)]) == 0  # fmt: skip
+    capsys.readouterr()
+    for snapshot in (run_dir / "trail").iterdir():
+        _spoiled(snapshot, snapshot, "conv2.weight=nan")
+    out = tmp_path / "final.npz"
+    code, stdout, err, _ = run_cli(capsys, "finalize", run_dir / "checkpoint.npz", "-o", out,
+                                   "--trail-sparsity", "0")  # fmt: skip
+    assert code == 2 and stdout == ""
+    line = one_error_line(err)
+    assert "trail" in line and "'conv2.weight'" in line and "non-finite" in line, line
+    assert not out.exists()

@@ -148,6 +148,16 @@ def test_resume_of_a_finished_run_trains_nothing(tmp_path):
     assert again.metrics == first.metrics
 
 
+def test_resume_with_fewer_epochs_than_done_is_refused_before_writing(tmp_path):
+    """From Python as from the CLI: a shorter run cannot continue a longer one."""
+    train(tiny(tmp_path, epochs=2), log=quiet)
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    with pytest.raises(ConfigError, match=r"epochs=1 is fewer than the 2 epochs .* give 2 or more"):
+        train(tiny(tmp_path, epochs=1), resume=tmp_path / "run" / "checkpoint.npz", log=quiet)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.npz").epoch == 2
+
+
 def test_resume_with_different_settings_is_refused_before_writing(tmp_path):
     cfg = tiny(tmp_path, epochs=1)
     train(cfg, log=quiet)

@@ -34,13 +34,25 @@ _REGISTRY = {
     "gmp": ("reference.sparsity.magnitude", "gmp_from_config"),
 }
 METHOD_NAMES = tuple(_REGISTRY)
+_TAKE_A_BUDGET = ("magnitude", "gmp")
 
 
-def build_method(config) -> SparsityMethod:
-    """The sparsity method a :class:`~reference.config.TrainConfig` asks for."""
+def build_method(config, budget=None) -> SparsityMethod:
+    """The sparsity method a :class:`~reference.config.TrainConfig` asks for.
+
+    ``budget``: the ``{layer: sparsity}`` dict of the config's budget file,
+    already read (:func:`reference.build.load_budget`), for the methods that
+    take a budget (magnitude pruning and GMP).
+    """
     if config.method not in _REGISTRY:
         raise ConfigError(f"unknown method {config.method!r}; expected one of: {', '.join(METHOD_NAMES)}")
     module_name, factory = _REGISTRY[config.method]
+    if config.method in _TAKE_A_BUDGET:
+        return getattr(import_module(module_name), factory)(config, budget)
+    if budget is not None:
+        raise ConfigError(
+            f"method {config.method!r} takes no budget; budgets are for {' and '.join(_TAKE_A_BUDGET)}"
+        )
     if config.method == "dense":
         return Dense()
     return getattr(import_module(module_name), factory)(config)

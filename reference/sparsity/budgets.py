@@ -11,10 +11,11 @@ Where budgets come from:
   columns ``sparsity_pct@<label>`` holding percents, one column per budget
   (the label is usually the model's overall sparsity, e.g. ``90.23``);
   :data:`STR_RESNET50` is STR's published ResNet50 budgets in this format;
-- a trained checkpoint of any method (:func:`budget_from_checkpoint`): the
-  measured sparsity of each layer's effective weight.
+- a trained checkpoint of any method (:func:`reference.build.budget_from_checkpoint`):
+  the measured sparsity of each layer's effective weight.
 
-:func:`load_budget` reads either. Magnitude pruning and GMP
+:func:`reference.build.load_budget` reads either (:func:`read_budget_file`
+here, with the checkpoint measured by the layer that builds models). Magnitude pruning and GMP
 (:mod:`reference.sparsity.magnitude`) take a budget as per-layer final targets
 (budget transfer). :func:`budget_cost` and :func:`cost_budget_report` give
 the per-layer weights and MACs a model would have under a budget, without
@@ -28,34 +29,48 @@ from __future__ import annotations
 import csv
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from reference.accounting import LayerCost, profile, totals
-from reference.autodiff import no_grad
-from reference.errors import CheckpointError, ConfigError, DataError
+from reference.errors import ConfigError, DataError
+from reference.models import MODEL_SPECS, build_model, default_input_shape
 from reference.nn import Module, weight_layers
-from reference.sparsity.magnitude import keep_count
 
 __all__ = [
     "COLUMN_PREFIX",
     "STR_RESNET50",
     "budget_columns",
     "budget_cost",
-    "budget_from_checkpoint",
     "check_budget",
     "cost_budget_report",
-    "load_budget",
+    "keep_count",
     "read_budget_csv",
+    "read_budget_file",
 ]
 
 COLUMN_PREFIX = "sparsity_pct@"
 STR_RESNET50 = Path(__file__).resolve().parent.parent / "budgets" / "str_resnet50.csv"
 """STR's learned per-layer ResNet50 budgets (ImageNet), one column per published model."""
+
+
+# ---------------------------------------------------------------------------
+# How many weights a layer keeps
+
+
+def keep_count(size: int, sparsity: float, *, at_least_one: bool = True) -> int:
+    """k = round_half_up((1 - sparsity) * size), in [1, size] (or [0, size] without ``at_least_one``).
+
+    The count magnitude pruning keeps (equation (3) of
+    :mod:`reference.sparsity.magnitude`) and a budget is costed with.
+    """
+    if not 0.0 <= sparsity <= 1.0:
+        raise ConfigError(f"sparsity must be in [0, 1], got {sparsity!r}")
+    k = int(math.floor((1.0 - sparsity) * size + 0.5))
+    k = min(max(k, 0), size)
+    return max(k, 1) if at_least_one and size > 0 else k
 
 
 # ---------------------------------------------------------------------------
@@ -171,43 +186,7 @@ def read_budget_csv(path: str | Path, column: str | None = None) -> dict[str, fl
 
 
 # ---------------------------------------------------------------------------
-# Budgets measured from a checkpoint
-
-
-def budget_from_checkpoint(path: str | Path, *, data_root: str | None = None) -> dict[str, float]:
-    """``{layer: sparsity}`` measured on a trained checkpoint of any method.
-
-    The model (and its sparsity method) is rebuilt from the checkpoint's
-    config, the state is loaded, and each weight layer's effective weight is
-    read in evaluation mode; its sparsity is ``zeros / size``. Building the
-    model needs the run's data set (for its image and class counts):
-    ``data_root`` overrides the config's, for data sets read from files. A
-    layer that is entirely zero is reported as 1.0, which :func:`check_budget`
-    rejects.
-    """
-    from reference.checkpoint import load_checkpoint
-    from reference.config import TrainConfig
-    from reference.train import build_data, build_model_and_method
-
-    ckpt = load_checkpoint(path)
-    where = str(ckpt.path)
-    try:
-        config = TrainConfig.from_checkpoint(ckpt.config, source=f"checkpoint {where!r} config")
-    except ConfigError as exc:
-        raise CheckpointError(f"checkpoint {where!r} holds an unusable config: {exc}") from None
-    data = build_data(config, data_root=data_root)
-    model, _ = build_model_and_method(config, data)
-    try:
-        model.load_state_dict(ckpt.model_state, strict=True)
-    except CheckpointError as exc:
-        raise CheckpointError(f"checkpoint {where!r} does not fit model {config.model!r}: {exc}") from None
-    model.eval()
-    budget: dict[str, float] = {}
-    with no_grad():
-        for name, layer in weight_layers(model):
-            w = layer.effective_weight().numpy()
-            budget[name] = float(w.size - np.count_nonzero(w)) / w.size
-    return budget
+# Budget files: a CSV, or a checkpoint measured by the caller
 
 
 def _is_checkpoint(path: Path) -> bool:
@@ -219,13 +198,20 @@ def _is_checkpoint(path: Path) -> bool:
         return False
 
 
-def load_budget(
-    path: str | Path, column: str | None = None, *, data_root: str | None = None
+def read_budget_file(
+    path: str | Path,
+    column: str | None = None,
+    *,
+    measure_checkpoint: Callable[[Path], dict[str, float]] | None = None,
 ) -> dict[str, float]:
-    """A budget from a budget CSV (:func:`read_budget_csv`) or a checkpoint (:func:`budget_from_checkpoint`).
+    """A budget from a budget CSV (:func:`read_budget_csv`) or a checkpoint.
 
     The kind is told by the file's contents (checkpoints are .npz archives).
-    ``column`` applies to CSV files only.
+    ``column`` applies to CSV files only. A checkpoint's budget is measured by
+    rebuilding its model, which is the training layer's work:
+    ``measure_checkpoint`` does it (:func:`reference.build.load_budget` passes
+    :func:`reference.build.budget_from_checkpoint`); without one a checkpoint
+    is refused.
     """
     path = Path(path)
     if not path.exists():
@@ -236,7 +222,12 @@ def load_budget(
                 f"budget {str(path)!r} is a checkpoint, which holds one budget; budget_column={column!r} "
                 "applies to budget CSV files only"
             )
-        return budget_from_checkpoint(path, data_root=data_root)
+        if measure_checkpoint is None:
+            raise ConfigError(
+                f"budget {str(path)!r} is a checkpoint: read it with reference.build.load_budget, "
+                "which rebuilds its model to measure it"
+            )
+        return measure_checkpoint(path)
     return read_budget_csv(path, column)
 
 
@@ -339,6 +330,8 @@ def cost_budget_report(
     column: str | None = None,
     input_size: int | None = None,
     num_classes: int | None = None,
+    *,
+    measure_checkpoint: Callable[[Path], dict[str, float]] | None = None,
 ) -> str:
     """The per-layer cost table of ``model_name`` under a budget file, and the totals, as text.
 
@@ -346,15 +339,14 @@ def cost_budget_report(
     sparse MACs; then the totals (sparsity over conv+fc weights, compression,
     MACs with and without the global average pool). ``input_size`` and
     ``num_classes`` default to the model's usual ones (224 and 1000 for
-    ResNet50). Nothing is trained.
+    ResNet50). Nothing is trained. A checkpoint as the budget file needs
+    ``measure_checkpoint`` (see :func:`read_budget_file`).
     """
-    from reference.models import MODEL_SPECS, build_model, default_input_shape
-
     c, h, _ = default_input_shape(model_name)
     h = h if input_size is None else input_size
     num_classes = MODEL_SPECS[model_name].num_classes if num_classes is None else num_classes
     model = build_model(model_name, num_classes=num_classes, in_channels=c)
-    budget = check_budget(load_budget(budget_path, column), model)
+    budget = check_budget(read_budget_file(budget_path, column, measure_checkpoint=measure_checkpoint), model)
     rows = budget_cost(model, (c, h, h), budget)
     t = totals(rows, model)
     chosen = "" if column is None else f", column {column}"

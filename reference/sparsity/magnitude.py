@@ -64,7 +64,6 @@ a higher target never brings them back (they are the smallest magnitudes).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -77,6 +76,7 @@ from reference.backend import array_module, copy_into, is_device_array, to_host
 from reference.errors import ConfigError
 from reference.nn import Module, weight_layers
 from reference.sparsity.base import SparsityMethod, StepContext
+from reference.sparsity.budgets import check_budget, keep_count, read_budget_file
 
 __all__ = [
     "GMP",
@@ -145,15 +145,6 @@ class FixedMask(Module):
 
 # ---------------------------------------------------------------------------
 # Choosing masks: (3), (4)
-
-
-def keep_count(size: int, sparsity: float, *, at_least_one: bool = True) -> int:
-    """k = round_half_up((1 - sparsity) * size) (3), in [1, size] (or [0, size] without ``at_least_one``)."""
-    if not 0.0 <= sparsity <= 1.0:
-        raise ConfigError(f"sparsity must be in [0, 1], got {sparsity!r}")
-    k = int(math.floor((1.0 - sparsity) * size + 0.5))
-    k = min(max(k, 0), size)
-    return max(k, 1) if at_least_one and size > 0 else k
 
 
 def _top_k_flat(magnitude: Any, k: int) -> Any:
@@ -396,8 +387,6 @@ class MagnitudePruning(SparsityMethod):
                 f"{type(self).__name__}: {type(model).__name__} has no conv or fc layer to prune"
             )
         if self.budget is not None:
-            from reference.sparsity.budgets import check_budget
-
             self._final = check_budget(self.budget, model)
         elif self.scope == "uniform":
             self._final = {name: self.target_sparsity for name, _ in layers}
@@ -462,17 +451,22 @@ class GMP(MagnitudePruning):
 # Factories (the registry in reference.sparsity)
 
 
-def _from_config(cls, config) -> MagnitudePruning:
-    budget = None
+def _from_config(cls, config, budget: Mapping[str, float] | None = None) -> MagnitudePruning:
+    """``cls`` from a TrainConfig; ``budget``: the config's budget file, already read (if any).
+
+    The training layer reads the budget file (:func:`reference.build.load_budget`,
+    which also measures a checkpoint); called without it, a budget CSV is read here.
+    """
     if config.budget is not None:
         if config.target_sparsity is not None:
             raise ConfigError(
                 f"method {config.method!r}: set either target_sparsity or budget, not both "
                 f"(got target_sparsity={config.target_sparsity!r}, budget={config.budget!r})"
             )
-        from reference.sparsity.budgets import load_budget
-
-        budget = load_budget(config.budget, config.budget_column)
+        if budget is None:
+            budget = read_budget_file(config.budget, config.budget_column)
+    elif budget is not None:
+        raise ConfigError("a budget was given but the config names no budget file")
     elif config.budget_column is not None:
         raise ConfigError(f"budget_column={config.budget_column!r} is set but no budget file is given")
     return cls(
@@ -485,11 +479,11 @@ def _from_config(cls, config) -> MagnitudePruning:
     )
 
 
-def magnitude_from_config(config) -> MagnitudePruning:
+def magnitude_from_config(config, budget: Mapping[str, float] | None = None) -> MagnitudePruning:
     """:class:`MagnitudePruning` from a TrainConfig (target_sparsity or budget, prune_* settings)."""
-    return _from_config(MagnitudePruning, config)
+    return _from_config(MagnitudePruning, config, budget)
 
 
-def gmp_from_config(config) -> GMP:
+def gmp_from_config(config, budget: Mapping[str, float] | None = None) -> GMP:
     """:class:`GMP` from a TrainConfig (target_sparsity or budget, prune_* settings)."""
-    return _from_config(GMP, config)
+    return _from_config(GMP, config, budget)
