@@ -43,6 +43,8 @@ __all__ = [
     "ScpCache",
     "SoftmaxCrossEntropyCache",
     "StrCache",
+    "SyncNormElemtCache",
+    "SyncNormSumsCache",
     "buffer_of",
     "cache_arrays",
     "grad_flags",
@@ -270,6 +272,29 @@ class BatchNormCache(NamedTuple):
             beta.dtype if beta is not None and need_beta else None,
             ndim,
         )
+
+
+class SyncNormSumsCache(NamedTuple):
+    """sync_batch_norm_sums (reference.ops.sync_norm): the input itself, when it needs a gradient."""
+
+    x: Any
+
+
+class SyncNormElemtCache(NamedTuple):
+    """sync_batch_norm_elemt (reference.ops.sync_norm (2)-(5)); per-channel values are (C,)."""
+
+    xhat: Any  # (5), x's shape, in the accumulation dtype; None when no gradient reads it
+    x: Any  # or the input itself, from which the GPU twin recomputes xhat (then xhat is None)
+    mean: Any  # mu (2), accumulation dtype
+    inv_std: Any  # s (4), accumulation dtype
+    count: Any  # n, the global entries per channel (a float)
+    gamma: Any  # None means gamma = 1
+    x_dtype: Any  # None: x gets no gradient
+    gamma_dtype: Any  # None: gamma absent or gets no gradient
+    beta_dtype: Any  # None: beta absent or gets no gradient
+    sums_dtype: Any  # None: the sums get no gradient
+    mean_out: Any  # mu in x's dtype, for the running statistics
+    var_out: Any  # the biased variance (3) in x's dtype, for the running statistics
 
 
 # ---------------------------------------------------------------------- pooling

@@ -97,6 +97,7 @@ class TrainConfig:
     seed: int = 0
     augment: bool = False
     workers: int = 0
+    sync_bn: bool = False
     device: str = "cpu"
     precision: str = "tf32"
     run_dir: str | None = None
@@ -213,6 +214,8 @@ FIELD_HELP: dict[str, str] = {
     "seed": "random seed (model initialisation, data order, augmentation)",
     "augment": "use the data set's training augmentation",
     "workers": "processes decoding imagefolder batches (0: in the training process)",
+    "sync_bn": "with several processes (mpiexec -n N): batch norm over the global batch, its statistics"
+    " summed over the processes (default: each process normalises its own shard)",
     "device": "cpu (NumPy) or cuda (CuPy on an NVIDIA GPU; pip install 'learnsparse[cuda]')",
     "precision": "cuda GEMMs: tf32 (float32 with TF32 products), fp32, or bf16 (bfloat16 products, float32"
     " weights)",
@@ -235,7 +238,7 @@ _FLOAT_FIELDS = {
     "scp_k", "scp_c0", "scp_t", "scp_s",
 }  # fmt: skip
 _BOOL_FIELDS = {"nesterov", "per_step", "augment", "progress", "str_per_channel", "ltp_exact_grad",
-                "ltp_l0_weight_grad"}  # fmt: skip
+                "ltp_l0_weight_grad", "sync_bn"}  # fmt: skip
 _STR_FIELDS = {"model", "dataset", "data_root", "schedule", "run_dir", "method", "prune_scope", "budget",
                "budget_column", "device", "precision"}  # fmt: skip
 _OPTIONAL_FIELDS = {"data_root", "num_classes", "run_dir", "target_sparsity", "threshold_decay",

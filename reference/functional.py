@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from reference.autodiff import Tensor, apply, apply_with_cache, as_array, no_grad
+from reference.autodiff import Node, Tensor, apply, apply_with_cache, as_array, is_grad_enabled, no_grad
 from reference.backend import array_module
 from reference.errors import ShapeError
 
@@ -129,6 +129,66 @@ def batch_norm(
                 xp = array_module(running_mean)
                 running_mean[...] = xp.where(update_mask, new_mean, running_mean)
                 running_var[...] = xp.where(update_mask, new_var, running_var)
+    return y
+
+
+def sync_batch_norm(
+    x,
+    gamma,
+    beta,
+    running_mean: Any,
+    running_var: Any,
+    allreduce: Any,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    update_mask: Any = None,
+) -> Tensor:
+    """Training-mode batch norm over a global batch spread across processes (synchronised batch norm).
+
+    ``x`` is this process's shard; ``allreduce(array)`` sums a C-contiguous
+    array over the processes in place (every process calls this function for
+    the same layers in the same order). The local sums (``reference.ops.sync_norm``
+    (1)) and this shard's entry count are summed over the processes in one call;
+    ``sync_batch_norm_elemt`` normalises with the result. On the tape the
+    all-reduce is a node whose backward all-reduces the cotangent of the sums:
+    the adjoint of a sum over processes that every process receives. The
+    gradient is then the one-process gradient of the global batch (equation
+    (13) there). The running statistics move as in :func:`batch_norm`, with the
+    global mean, the global unbiased variance and the same ``update_mask`` rule.
+    """
+    running_mean, running_var = as_array(running_mean), as_array(running_var)
+    sums = apply("sync_batch_norm_sums", x)  # (2, C) float64: (1)
+    xp = array_module(sums.data)
+    channels = int(x.shape[1])
+    local = x.size // channels if channels else 0
+    packed = xp.concatenate(
+        [sums.data, xp.full((1, channels), float(local), dtype=sums.data.dtype)]
+    )  # (3, C)
+    allreduce(packed)  # every process's sums and counts, added
+    total_data, count = packed[:2].copy(), packed[2, :1].copy()  # (2, C), (1,)
+    if sums.requires_grad and is_grad_enabled():
+
+        def allreduce_backward(dy: Any, cache: Any) -> tuple[Any]:
+            dsums = xp.ascontiguousarray(dy).copy()
+            allreduce(dsums)  # the adjoint: the cotangents of every process, added
+            return (dsums,)
+
+        node = Node("sync_batch_norm_allreduce", allreduce_backward, None, (sums.node,), total_data.shape)
+        total = Tensor(total_data, requires_grad=True, node=node)
+    else:
+        total = Tensor(total_data)
+    y, cache = apply_with_cache("sync_batch_norm_elemt", x, gamma, beta, total, count, eps=eps)
+    with no_grad():
+        unbiased = count / xp.maximum(count - 1.0, 1.0)  # (1,) on the device: n / (n - 1), not read back
+        new_mean = running_mean * (1.0 - momentum) + momentum * cache.mean_out
+        new_var = running_var * (1.0 - momentum) + (momentum * cache.var_out * unbiased).astype(
+            running_var.dtype
+        )
+        if update_mask is not None:  # a select, as in batch_norm
+            new_mean = xp.where(update_mask, new_mean, running_mean)
+            new_var = xp.where(update_mask, new_var, running_var)
+        running_mean[...] = new_mean
+        running_var[...] = new_var
     return y
 
 

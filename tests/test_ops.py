@@ -37,7 +37,12 @@ def test_every_op_has_a_case():
 # Cache fields that may hold a new array as large as an input: each one is what its backward reads and
 # cannot rebuild without redoing the forward (batch norm's xhat, the loss's softmax, max pooling's
 # argmax in the smallest integer type).
-_FRESH_FIELDS = {"batch_norm": {"xhat"}, "softmax_cross_entropy": {"probs"}, "max_pool2d": {"argmax"}}
+_FRESH_FIELDS = {
+    "batch_norm": {"xhat"},
+    "sync_batch_norm_elemt": {"xhat"},
+    "softmax_cross_entropy": {"probs"},
+    "max_pool2d": {"argmax"},
+}
 
 
 @pytest.mark.parametrize("case", CASES, ids=ids)

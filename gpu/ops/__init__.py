@@ -29,6 +29,7 @@ Families:
 - :mod:`.pooling`: max, average and global average pooling kernels
 - :mod:`.loss`: softmax cross-entropy in two kernels
 - :mod:`.sparsity`: fused STR, LTP and SCP kernels with their reductions
+- :mod:`.sync_norm`: synchronised batch norm's local sums and normalisation with given sums
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from .norm import *  # noqa: F401,F403
 from .pooling import *  # noqa: F401,F403
 from .shape import *  # noqa: F401,F403
 from .sparsity import *  # noqa: F401,F403
+from .sync_norm import *  # noqa: F401,F403
 
 NEEDS_INPUT_GRAD = True  # every forward here takes needs_input_grad (see above)
 

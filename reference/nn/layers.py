@@ -300,6 +300,9 @@ class BatchNorm2d(Module):
         self.register_buffer("running_mean", np.zeros(c, dtype=dt))
         self.register_buffer("running_var", np.ones(c, dtype=dt))
         self.register_buffer("num_batches_tracked", np.zeros((), dtype=np.int64))
+        # Synchronised batch norm: an ``allreduce(array)`` summing over the processes of a
+        # data-parallel run (reference.distributed installs it); None normalises this batch alone.
+        self.sync = None
 
     def _check(self, shape: Shape, dtype: Any = None) -> None:
         ok = len(shape) in (2, 4) and shape[1] == self.num_features
@@ -340,17 +343,24 @@ class BatchNorm2d(Module):
                 f"BatchNorm2d(num_features={self.num_features}): channel_mask returned shape "
                 f"{tuple(mask.shape)}, expected ({self.num_features},)"
             )
-        y = F.batch_norm(
-            x,
-            self.weight,
-            self.bias,
-            self.running_mean,
-            self.running_var,
-            training=self.training,
-            momentum=self.momentum,
-            eps=self.eps,
-            update_mask=(mask.data > 0.5) if mask is not None and self.training else None,
-        )
+        update_mask = (mask.data > 0.5) if mask is not None and self.training else None
+        if self.training and self.sync is not None:
+            y = F.sync_batch_norm(
+                x, self.weight, self.bias, self.running_mean, self.running_var, self.sync,
+                momentum=self.momentum, eps=self.eps, update_mask=update_mask,
+            )  # fmt: skip
+        else:
+            y = F.batch_norm(
+                x,
+                self.weight,
+                self.bias,
+                self.running_mean,
+                self.running_var,
+                training=self.training,
+                momentum=self.momentum,
+                eps=self.eps,
+                update_mask=update_mask,
+            )
         if mask is not None:  # (C,) -> (1, C, 1, 1) or (1, C): broadcast over N (and H, W)
             y = F.mul(y, F.reshape(mask, (1, self.num_features) + (1,) * (len(shape) - 2)))
         if self.training:

@@ -28,6 +28,7 @@ cites the equation it implements):
 - :mod:`.linalg`: matmul and linear
 - :mod:`.conv`: conv2d via im2col (stride, padding, groups, depthwise)
 - :mod:`.norm`: batch norm (training and evaluation)
+- :mod:`.sync_norm`: the two kernels of synchronised batch norm (local sums; normalising with given sums)
 - :mod:`.pooling`: max, average and global average pooling
 - :mod:`.loss`: softmax cross-entropy with label smoothing
 - :mod:`.sparsity`: STR soft threshold, LTP soft mask and differentiable L0,
@@ -50,6 +51,7 @@ from .norm import *  # noqa: F401,F403
 from .pooling import *  # noqa: F401,F403
 from .shape import *  # noqa: F401,F403
 from .sparsity import *  # noqa: F401,F403
+from .sync_norm import *  # noqa: F401,F403
 
 NEEDS_INPUT_GRAD = True  # every forward here takes needs_input_grad (see above)
 

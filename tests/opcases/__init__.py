@@ -4,7 +4,7 @@ Each family module exports ``CASES: list[OpCase]``; adding an op means adding
 its kernels and one entry in its family's list.
 """
 
-from . import conv, elementwise, linalg, loss, norm, pooling, shape, sparsity
+from . import conv, elementwise, linalg, loss, norm, pooling, shape, sparsity, sync_norm
 
 CASES = [
     *elementwise.CASES,
@@ -15,4 +15,5 @@ CASES = [
     *pooling.CASES,
     *loss.CASES,
     *sparsity.CASES,
+    *sync_norm.CASES,
 ]
