@@ -76,6 +76,7 @@ __all__ = [
     "DIGITS_TEST_FRACTION",
     "SYNTHETIC_SIGNAL",
     "Dataset",
+    "digits_statistics",
     "iterate_batches",
     "load_dataset",
     "num_batches",
@@ -260,7 +261,8 @@ def load_dataset(
     return data
 
 
-def _load_digits() -> Dataset:
+def _digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The digits images scaled to [0, 1] (float64), their labels, and which images are in the test split."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -272,6 +274,18 @@ def _load_digits() -> Dataset:
         members = np.flatnonzero(labels == c)
         n_test = round(DIGITS_TEST_FRACTION * len(members))
         is_test[rng.permutation(members)[:n_test]] = True
+    return images, labels, is_test
+
+
+def digits_statistics() -> tuple[float, float]:
+    """The mean and standard deviation of the training pixels (scaled to [0, 1]) that standardise ``digits``."""
+    images, _, is_test = _digits_split()
+    x_train = images[~is_test]
+    return float(x_train.mean()), float(x_train.std())
+
+
+def _load_digits() -> Dataset:
+    images, labels, is_test = _digits_split()
     x_train, x_test = images[~is_test], images[is_test]
     mean, std = x_train.mean(), x_train.std()
     x_train = ((x_train - mean) / std).astype(np.float32)[:, None]  # (N, 8, 8) -> (N, 1, 8, 8)

@@ -17,6 +17,12 @@ sparse row form, its rows the output channels and its columns the flattened
 and the dense shapes go into the file's metadata (``"csr_shapes"``: JSON
 ``{name: shape}``). :func:`load_safetensors` reads either form back as a dense
 state dict. The file is written atomically.
+
+:func:`export_model` is what ``learnsparse export`` calls: it finalizes a
+restored checkpoint's model where it is not plain yet and writes it in the
+format :func:`format_of` picks from the output's suffix (``.safetensors``,
+``.onnx``; no suffix keeps the safetensors default) or from an explicit
+format. ONNX graphs are built by :mod:`reference.onnx_export`.
 """
 
 from __future__ import annotations
@@ -31,10 +37,22 @@ import numpy as np
 from reference.errors import CheckpointError, ConfigError
 from reference.nn import Module, weight_layers
 
-__all__ = ["FORMAT_NAME", "csr_decode", "csr_encode", "export_safetensors", "load_safetensors"]
+__all__ = [
+    "EXPORT_FORMATS",
+    "FORMAT_NAME",
+    "csr_decode",
+    "csr_encode",
+    "export_model",
+    "export_options",
+    "export_safetensors",
+    "format_of",
+    "load_safetensors",
+]
 
 FORMAT_NAME = "learnsparse-safetensors"
 _CSR_PARTS = ("data", "indices", "indptr")
+EXPORT_FORMATS = ("onnx", "safetensors")
+_SUFFIXES = {".onnx": "onnx", ".safetensors": "safetensors"}
 
 
 def csr_encode(weight: np.ndarray) -> dict[str, np.ndarray]:
@@ -158,3 +176,100 @@ def load_safetensors(path: str | Path) -> dict[str, np.ndarray]:
             raise CheckpointError(f"{where!r}: CSR weight {name} lacks {exc.args[0]}") from None
         state[name] = csr_decode(parts, tuple(int(d) for d in shapes[name]))
     return state
+
+
+# ---------------------------------------------------------------------------
+# Choosing the format, and exporting a restored checkpoint
+
+
+def format_of(path: str | Path, fmt: str | None = None) -> str:
+    """The export format for output ``path``: ``fmt`` when given, else the one its suffix names.
+
+    A name without a suffix is safetensors (the format ``export`` has always
+    written). Raises ConfigError for an unknown format, an unknown suffix
+    without ``fmt``, or a suffix that names the other format than ``fmt``.
+    """
+    suffix = Path(path).suffix.lower()
+    by_suffix = _SUFFIXES.get(suffix)
+    if fmt is not None:
+        if fmt not in EXPORT_FORMATS:
+            raise ConfigError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
+        if by_suffix is not None and by_suffix != fmt:
+            raise ConfigError(
+                f"the output {str(path)!r} has the suffix {suffix!r} of {by_suffix} but --format is {fmt!r}; "
+                "make them agree"
+            )
+        return fmt
+    if by_suffix is not None:
+        return by_suffix
+    if suffix == "":
+        return "safetensors"
+    raise ConfigError(
+        f"cannot tell the export format of {str(path)!r} from its suffix {suffix!r}: "
+        "expected .onnx or .safetensors, or --format onnx|safetensors"
+    )
+
+
+def export_options(
+    path: str | Path,
+    fmt: str | None = None,
+    *,
+    csr: bool = False,
+    fold_bn: bool = False,
+    opset: int | None = None,
+) -> tuple[str, int | None]:
+    """The format (:func:`format_of`) and the ONNX opset (the default where None; None for
+    safetensors) of an export to ``path``; ConfigError for an option of the other format."""
+    fmt = format_of(path, fmt)
+    if fmt == "onnx" and csr:
+        raise ConfigError("--csr is a safetensors option; an ONNX graph stores its weights dense")
+    if fmt == "safetensors" and (fold_bn or opset is not None):
+        flag = "--fold-bn" if fold_bn else "--opset"
+        raise ConfigError(f"{flag} is an ONNX option; write a .onnx file (or --format onnx) to use it")
+    if fmt == "onnx":
+        from reference.onnx_export import DEFAULT_OPSET, check_opset
+
+        opset = check_opset(DEFAULT_OPSET if opset is None else opset)
+    return fmt, opset
+
+
+def export_model(
+    restored: Any,
+    path: str | Path,
+    fmt: str | None = None,
+    *,
+    csr: bool = False,
+    fold_bn: bool = False,
+    opset: int | None = None,
+) -> tuple[Path, str]:
+    """Write the model of ``restored`` (a :class:`reference.finalize.RestoredModel`) to ``path``.
+
+    The model is finalized in place first if it still carries a sparsity
+    method. Returns the path and the format written. ``csr`` is a safetensors
+    option; ``fold_bn`` and ``opset`` are ONNX options: each given with the
+    other format raises ConfigError before anything is done.
+    """
+    from reference.finalize import finalize, has_sparsity_modules
+
+    fmt, opset = export_options(path, fmt, csr=csr, fold_bn=fold_bn, opset=opset)
+    model = restored.model
+    if has_sparsity_modules(model):
+        finalize(model)
+    if fmt == "safetensors":
+        return export_safetensors(model, path, csr=csr), fmt
+    from reference.onnx_export import export_onnx
+
+    config = restored.config
+    slimmed = bool((restored.finalized or {}).get("slimmed")) or restored.method_name == "scp"
+    metadata = {
+        "model": config.model,
+        "method": restored.method_name,
+        "width": config.width,
+        "num_classes": restored.num_classes,
+        "slimmed": "true" if slimmed else "false",
+    }
+    out = export_onnx(
+        model, path, restored.input_shape, dataset=config.dataset, fold_bn=fold_bn, opset=opset,
+        metadata=metadata,
+    )  # fmt: skip
+    return out, fmt

@@ -29,13 +29,14 @@ SPARSITY_WORDS = ("sparsifier", "channel_mask", ".s", ".tau", ".mask")
 
 
 def sparse_model(method: str, model: str = "digits_cnn", seed: int = 0, **settings):
-    """``model`` at width 0.5 with ``method`` installed, random BN statistics, and thresholds / masks
-    that zero about half the weights (SCP: some channels switched off)."""
-    config = TrainConfig(model=model, method=method, width=0.5, **settings)
+    """``model`` at width 0.5 (or ``settings["width"]``) with ``method`` installed, random BN statistics,
+    and thresholds / masks that zero about half the weights (SCP: some channels switched off)."""
+    config = TrainConfig(**{"model": model, "method": method, "width": 0.5, **settings})
     in_channels = 1 if model == "digits_cnn" else 3
     net = build_model(
-        model, num_classes=10, in_channels=in_channels, width=0.5, rng=np.random.default_rng(seed)
-    )
+        model, num_classes=config.num_classes or 10, in_channels=in_channels, width=config.width,
+        rng=np.random.default_rng(seed),
+    )  # fmt: skip
     build_method(config).attach(net)
     rng = np.random.default_rng(seed + 1)
     for m in net.modules():
