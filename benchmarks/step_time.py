@@ -18,8 +18,12 @@ belongs to one framework alone)::
              load the same weights into the PyTorch twin defined below, run two
              steps in each framework and compare the losses and the first gradients
     numpy    warm-up steps, then timed steps of the reference
-    torch    the same for the PyTorch twin
-    profile  (with --profile) cProfile over a few reference steps, summarised as text
+    torch    the same for the PyTorch twin (rounds alternate numpy/torch and torch/numpy)
+    profile  (with --profile) cProfile over a few reference steps, each after an unprofiled
+             one in the same process, summarised as text that names its machine and commit
+
+An inherited OPENBLAS_CORETYPE or OPENBLAS_L2_SIZE is removed from the workers'
+environment (and recorded), so OpenBLAS picks the kernel of the CPU it runs on.
 
 The PyTorch twin is written here from the architecture description (not from
 our modules) with the parameter names of our ``state_dict``, so
@@ -61,6 +65,10 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 # Inherited settings that change the speed of either framework; recorded in the JSON as found.
 ENVIRONMENT_PREFIXES = ("OPENBLAS_", "OMP_", "MKL_", "GOMP_", "KMP_", "MALLOC_", "DNNL_", "ONEDNN_", "ATEN_")
+# Settings that pick OpenBLAS's kernel or its blocking for another CPU than this one: removed from
+# the workers' environment when inherited (and recorded as removed), so OpenBLAS chooses for the CPU
+# it runs on and the JSON's kernel (threadpoolctl's "architecture") is the one that ran.
+UNSET_IN_WORKERS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 LR = 0.1
 MOMENTUM = 0.9
@@ -246,6 +254,41 @@ def _pool_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return pooled
 
 
+def _counters(before, after, elapsed: float) -> dict[str, Any]:
+    """What one step cost the process besides wall time, from two ``getrusage`` readings.
+
+    ``cpu_over_wall`` near the thread count means every thread was on a core the whole
+    step (working, or OpenBLAS's idle threads spinning between GEMMs); involuntary
+    context switches count how often another process took a core from this one, the
+    sign of a busy machine.
+    """
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {
+        "user_cpu_s": round(after.ru_utime - before.ru_utime, 3),
+        "system_cpu_s": round(after.ru_stime - before.ru_stime, 3),
+        "cpu_over_wall": round(cpu / elapsed, 2) if elapsed > 0 else None,
+        "involuntary_context_switches": after.ru_nivcsw - before.ru_nivcsw,
+        "minor_page_faults": after.ru_minflt - before.ru_minflt,
+    }
+
+
+def _process_state() -> dict[str, Any]:
+    """Which frameworks this worker has imported and how many threads it runs now.
+
+    A timed worker must hold one framework only, so neither framework's idle
+    threads can spin on a core the other needs.
+    """
+    try:
+        threads: int | None = len(os.listdir("/proc/self/task"))
+    except OSError:
+        threads = None
+    return {
+        "frameworks_imported": sorted(name for name in ("numpy", "torch") if name in sys.modules),
+        "threads_in_process": threads,
+        "load_average_after": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
 def _time_steps(step, x, labels, warmup: int, steps: int) -> dict[str, Any]:
     """Run ``warmup`` then ``steps`` steps; times, losses and memory."""
     rss_before = _rss_mib()
@@ -258,11 +301,7 @@ def _time_steps(step, x, labels, warmup: int, steps: int) -> dict[str, Any]:
         after = resource.getrusage(resource.RUSAGE_SELF)
         (warmup_times if i < warmup else times).append(elapsed)
         losses.append(loss)
-        counters.append({
-            "user_cpu_s": round(after.ru_utime - before.ru_utime, 3),
-            "system_cpu_s": round(after.ru_stime - before.ru_stime, 3),
-            "minor_page_faults": after.ru_minflt - before.ru_minflt,
-        })  # fmt: skip
+        counters.append(_counters(before, after, elapsed))
     peak = _peak_rss_mib()
     return {
         "median_s": statistics.median(times),
@@ -400,6 +439,7 @@ def _worker_numpy(spec: dict[str, Any]) -> dict[str, Any]:
     result = _time_steps(step, batch["x"], batch["labels"], spec["warmup"], spec["steps"])
     result["environment"] = _numpy_environment()
     result["keep_freed_memory"] = kept
+    result["process"] = _process_state()
     return result
 
 
@@ -430,11 +470,46 @@ def _worker_torch(spec: dict[str, Any]) -> dict[str, Any]:
         ),
         "threadpools": _threadpools(),
     }
+    result["process"] = _process_state()
     return result
 
 
+def _provenance() -> str:
+    """Where and on what code a profile was measured, for its text file's header.
+
+    A profile file outlives the run that wrote it (a run without ``--profile``
+    leaves the previous one in place), so it says itself which machine, BLAS
+    kernel, commit and load it describes.
+    """
+    machine, code = machine_info(), code_state()
+    pools = _threadpools()
+    kernels = (
+        ", ".join(f"{p.get('internal_api')} {p.get('version')} {p.get('architecture')}" for p in pools)
+        if isinstance(pools, list)
+        else pools
+    )
+    when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    commit = (code.get("git_commit") or "unknown")[:12]
+    dirty = (
+        " (with uncommitted changes under reference/)"
+        if code.get("uncommitted_in_reference_sha256_16")
+        else ""
+    )
+    load = machine.get("load_average_at_start")
+    return (
+        f"{when} on {machine['cpu_model']} ({machine['logical_cores']} logical cores, load average "
+        f"{f'{load[0]:.2f}' if load else 'unknown'}), BLAS {kernels}, commit {commit}{dirty}"
+    )
+
+
 def _worker_profile(spec: dict[str, Any]) -> dict[str, Any]:
-    """cProfile over ``profile_steps`` reference steps after one warm-up; write the text summary."""
+    """cProfile over ``profile_steps`` reference steps after the warm-up; write the text summary.
+
+    Each profiled step alternates with an unprofiled one in the same process, so the
+    summary states what the step costs without the profiler here and now, and its
+    shares can be set against the timed workers' median (a busy machine slows one
+    worker and not another; the profiler's own overhead shows as the difference).
+    """
     import cProfile
     import pstats
 
@@ -449,12 +524,18 @@ def _worker_profile(spec: dict[str, Any]) -> dict[str, Any]:
     for _ in range(max(spec["warmup"], 1)):  # warm-up, not profiled
         step(x, labels)
     profiler = cProfile.Profile()
-    start = time.perf_counter()
-    profiler.enable()
+    plain, profiled = [], []
     for _ in range(spec["profile_steps"]):
+        start = time.perf_counter()
         step(x, labels)
-    profiler.disable()
-    wall = time.perf_counter() - start
+        plain.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        profiler.enable()
+        step(x, labels)
+        profiler.disable()
+        profiled.append(time.perf_counter() - start)
+    wall = sum(profiled)
+    spec = dict(spec, unprofiled_median_s=statistics.median(plain), provenance=_provenance())
     stats = pstats.Stats(profiler)
     text, top_ops = _profile_summary(stats, wall, spec)
     write_atomic(Path(spec["profile_path"]), text)
@@ -462,7 +543,11 @@ def _worker_profile(spec: dict[str, Any]) -> dict[str, Any]:
         "profile_file": _display(Path(spec["profile_path"])),
         "profiled_steps": spec["profile_steps"],
         "step_time_under_profiler_s": wall / spec["profile_steps"],
+        "step_times_under_profiler_s": profiled,
+        "unprofiled_step_times_same_process_s": plain,
+        "unprofiled_median_same_process_s": statistics.median(plain),
         "top_kernels": top_ops,
+        "process": _process_state(),
     }
 
 
@@ -513,6 +598,11 @@ def _profile_summary(stats, wall: float, spec: dict[str, Any]) -> tuple[str, lis
         "unprofiled warm-up step(s); "
         f"{per_step:.3f} s/step under the profiler ({wall / steps:.3f} s/step wall)."
     )
+    out.append(
+        f"Unprofiled steps interleaved with those, same process: {spec['unprofiled_median_s']:.3f} s/step "
+        "(median); the difference is the profiler's own cost."
+    )
+    out.append(f"Measured {spec['provenance']}.")
     out.append("Times are per step. 'cumulative' includes everything a function calls.")
     out.append("")
     out.append("Per-op kernel time (each *_forward / *_backward of reference/ops, summed over its calls)")
@@ -586,13 +676,34 @@ def _short_path(filename: str) -> str:
 WORKERS = {"check": _worker_check, "numpy": _worker_numpy, "torch": _worker_torch, "profile": _worker_profile}
 
 
+def _worker_environment(threads: int) -> dict[str, str]:
+    """This process's environment with the thread variables set and UNSET_IN_WORKERS removed."""
+    env = {name: value for name, value in os.environ.items() if name not in UNSET_IN_WORKERS}
+    env.update({name: str(threads) for name in THREAD_VARIABLES})
+    return env
+
+
+def _blas_kernels(report: dict[str, Any]) -> dict[str, Any]:
+    """The BLAS each timed worker loaded, as threadpoolctl saw it: library, version, kernel, threads."""
+    kernels: dict[str, Any] = {}
+    for framework in ("numpy", "torch"):
+        pools = report["versions"].get(f"{framework}_threadpools")
+        if isinstance(pools, list):
+            kernels[framework] = [
+                {k: pool.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
+                for pool in pools
+                if pool.get("user_api") == "blas" or framework == "torch"
+            ]
+    kernels["torch_cpu_capability"] = report["versions"].get("torch_cpu_capability")
+    return kernels
+
+
 def _run_worker(kind: str, spec: dict[str, Any], workdir: Path, threads: int) -> dict[str, Any]:
     """Run worker ``kind`` in a fresh interpreter with the thread variables set; its JSON result."""
     tag = f"{spec['workload']['model']}_{kind}"
     spec_path, result_path = workdir / f"{tag}_spec.json", workdir / f"{tag}_result.json"
     spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ)
-    env.update({name: str(threads) for name in THREAD_VARIABLES})
+    env = _worker_environment(threads)
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", kind,
                "--spec", str(spec_path), "--result", str(result_path)]  # fmt: skip
     start = time.perf_counter()
@@ -653,7 +764,26 @@ def _table(report: dict[str, Any]) -> str:
             f"{w['loss_check']['relative_difference']:>15.1e}"
         )
     lines.append("(medians of timed steps; ratio = numpy / torch; peak = subprocess peak RSS)")
+    for name, w in report["workloads"].items():
+        if "numpy" not in w or "torch" not in w:
+            continue
+        busy = ", ".join(
+            f"{framework} {_median_counter(w[framework], 'involuntary_context_switches'):.0f} preemptions "
+            f"and {_median_counter(w[framework], 'cpu_over_wall'):.2f} CPU s per wall s"
+            for framework in ("numpy", "torch")
+        )
+        lines.append(f"{name}: per step (median) {busy}")
+        if "profile" in w:
+            lines.append(
+                f"{name}: profile worker's unprofiled steps / timed median = "
+                f"{w['profile']['unprofiled_over_timed_median']:.2f}"
+            )
     return "\n".join(lines)
+
+
+def _median_counter(result: dict[str, Any], key: str) -> float:
+    values = [c[key] for c in result["per_step_counters"] if c.get(key) is not None]
+    return statistics.median(values) if values else float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -680,6 +810,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, value in sorted(os.environ.items())
             if name.startswith(ENVIRONMENT_PREFIXES) and name not in THREAD_VARIABLES
         },
+        "unset_in_workers": {name: os.environ[name] for name in UNSET_IN_WORKERS if name in os.environ},
         "step": {
             "definition": "zero_grad, forward (training mode), mean softmax cross-entropy, backward, SGD update",
             "dtype": "float32",
@@ -691,11 +822,14 @@ def main(argv: list[str] | None = None) -> int:
             "warmup_steps": args.warmup,
             "timed_steps_per_round": args.steps,
             "rounds": args.rounds,
-            "pooling": "median over every timed step of every round; rounds alternate numpy, torch",
+            "pooling": "median over every timed step of every round; rounds alternate numpy-torch, torch-numpy",
             "clock": "time.perf_counter",
         },
         "workloads": {},
     }
+    for name, value in report["unset_in_workers"].items():
+        print(f"note: inherited {name}={value} is removed from the workers' environment", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)  # before minutes of measuring, not after
     failed = False
     with tempfile.TemporaryDirectory(prefix="step_time_") as tmp:
         workdir = Path(tmp)
@@ -731,13 +865,17 @@ def main(argv: list[str] | None = None) -> int:
                         f">= {LOSS_RTOL}; not timing a comparison that is not like for like"
                     )
                 runs: dict[str, list[dict[str, Any]]] = {"numpy": [], "torch": []}
-                for _ in range(args.rounds):  # alternate, so slow spells of a shared machine hit both
-                    for framework in runs:
+                for r in range(args.rounds):  # alternate, so slow spells of a shared machine hit both
+                    for framework in ("numpy", "torch") if r % 2 == 0 else ("torch", "numpy"):
                         runs[framework].append(_run_worker(framework, spec, workdir, args.threads))
                 entry["numpy"], entry["torch"] = _pool_rounds(runs["numpy"]), _pool_rounds(runs["torch"])
                 entry["ratio_numpy_over_torch"] = entry["numpy"]["median_s"] / entry["torch"]["median_s"]
                 if args.profile:
-                    entry["profile"] = _run_worker("profile", spec, workdir, args.threads)
+                    entry["profile"] = profile = _run_worker("profile", spec, workdir, args.threads)
+                    # the same step, unprofiled, in the profile worker against the timed workers
+                    profile["unprofiled_over_timed_median"] = (
+                        profile["unprofiled_median_same_process_s"] / entry["numpy"]["median_s"]
+                    )
             except RuntimeError as exc:
                 entry["error"] = str(exc)
                 failed = True
@@ -754,6 +892,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch_cpu_capability=pt_env["cpu_capability"], torch_build_blas=pt_env["build_blas"],
             )  # fmt: skip
             break
+    report["blas_kernels"] = _blas_kernels(report)
 
     write_atomic(out, json.dumps(report, indent=2) + "\n")
     print()

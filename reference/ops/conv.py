@@ -50,12 +50,17 @@ decided by the shape alone, in :func:`conv2d_forward`:
   Each column block of X in (2) is kh kw contiguous slices of ``xf`` (a
   memcpy, not a window gather) and Y is one 2-D GEMM per block of
   ``_CHUNK_COLUMNS`` positions; the blocks stay in cache and are gathered
-  again in the backward, so the cache holds ``xp`` (not the kh kw times larger
+  again in the backward for (11), so the cache holds ``xp`` (not the kh kw times larger
   X). (4) is the same with ``dyf``, ``dy`` placed on the padded grid with zeros
   at the cropped positions; (6) in flat form reads ``dyf`` at ``t - s_pq``::
 
       dw[o,c,p,q] = sum_t dyf[o, t] xf[c, t + s_pq]                                            (10)
       dxf[c, t] = sum_{o, p, q} w[o,c,p,q] dyf[o, t - s_pq],   dx = dxf at i' = a + ph, j' = b + pw   (11)
+
+  (10) gathers nothing: for each offset it is one GEMM of ``dyf`` with the
+  slice of ``xf`` that starts at ``s_pq``, a strided view BLAS reads in place,
+  summing over every position t at once (an (O, C) result per offset). (11)
+  accumulates over the offsets, so it runs blockwise on gathered columns like (9).
 
   The price is computing (9) and (11) at the Hp Wp - Ho Wo cropped positions
   too, hence the 1.6 bound: 8x8 padded to 10x10 (56 % more GEMM work) still
@@ -106,7 +111,10 @@ def _pad(x: np.ndarray, ph: int, pw: int, value: float = 0.0) -> np.ndarray:
     """``x`` (N, C, H, W) -> (N, C, H + 2 ph, W + 2 pw), the border filled with ``value``."""
     if ph == 0 and pw == 0:
         return x
-    return np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=value)
+    n, c, h, wd = x.shape
+    xp = np.full((n, c, h + 2 * ph, wd + 2 * pw), value, dtype=x.dtype)  # np.pad does the same, slower
+    xp[:, :, ph : ph + h, pw : pw + wd] = x
+    return xp
 
 
 def _windows(xp: np.ndarray, kh: int, kw: int, sh: int, sw: int) -> np.ndarray:
@@ -323,22 +331,20 @@ def _backward_shift(dy, cache: Conv2dCache):
     dy_f = np.zeros((n_out, lead + t_all), dtype=dy.dtype)
     # (N, O, Ho, Wo) -> (O, N, Ho, Wo), into (O, N, Hp, Wp)[:, :, :Ho, :Wo]
     dy_f[:, lead:].reshape(n_out, n, hp, wp)[:, :, :ho, :wo] = dy.transpose(1, 0, 2, 3)
-    buffer = np.empty(max(c, n_out) * len(offsets) * _CHUNK_COLUMNS, dtype=dy.dtype)
     dx = dw = None
     if need_w:
         # (C, N, Hp, Wp) -> (C, T): xf of (9), rebuilt from x
         xf = _channel_major(cache.x, ph, pw).reshape(c, -1)
-        # (O, C, kh, kw) -> (O, C*kh*kw)
-        dw = np.zeros((n_out, c * kh * kw), dtype=dy.dtype)
-        for t0 in range(0, span, _CHUNK_COLUMNS):
-            width = min(_CHUNK_COLUMNS, span - t0)
-            cols = _flat_columns(xf, offsets, t0, width, buffer)
-            # (O, width) times (C, kh*kw, width) -> (C*kh*kw, width) transposed
-            dw += dy_f[:, lead + t0 : lead + t0 + width] @ cols.reshape(-1, width).T  # (10)
+        dyf_valid = dy_f[:, lead : lead + span]  # (O, span): every t that can hold a valid output
+        dw = np.empty((n_out, c, kh * kw), dtype=dy.dtype)
+        for k, offset in enumerate(offsets):
+            # (O, span) times (C, span) shifted by s_pq, transposed: a strided view, no columns gathered
+            dw[:, :, k] = dyf_valid @ xf[:, offset : offset + span].T  # (10)
         del xf
-        # (O, C*kh*kw) -> (O, C, kh, kw)
+        # (O, C, kh*kw) -> (O, C, kh, kw)
         dw = dw.reshape(cache.w_shape)
     if need_x:
+        buffer = np.empty(n_out * len(offsets) * _CHUNK_COLUMNS, dtype=dy.dtype)
         dx = _dx_shift(dy_f, cache.w, cache.x_shape, (ph, pw), offsets, buffer)
     return dx, dw
 
@@ -418,14 +424,15 @@ def _forward_depthwise(x, w, stride, padding, out_hw):
     xp = _pad(x, ph, pw)
     # (O, 1, kh, kw) -> (C, m, kh, kw)
     w_cm = w.reshape(c, n_out // c, kh, kw)
-    y = np.zeros((n, c, n_out // c, ho, wo), dtype=x.dtype)
+    y = np.empty((n, c, n_out // c, ho, wo), dtype=x.dtype)
     term = np.empty_like(y)
     for p in range(kh):
         for q in range(kw):
             x_pq = xp[:, :, _offset(p, sh, ho), _offset(q, sw, wo)]
-            # (N, C, Ho, Wo) -> (N, C, 1, Ho, Wo) times (C, m) -> (C, m, 1, 1)
-            np.multiply(x_pq[:, :, None], w_cm[:, :, p, q, None, None], out=term)  # (1)
-            y += term  # (1)
+            # (N, C, Ho, Wo) -> (N, C, 1, Ho, Wo) times (C, m) -> (C, m, 1, 1); the first tap starts y
+            np.multiply(x_pq[:, :, None], w_cm[:, :, p, q, None, None], out=y if p == q == 0 else term)  # (1)
+            if p or q:
+                y += term  # (1)
     # (N, C, m, Ho, Wo) -> (N, O, Ho, Wo)
     return y.reshape(n, n_out, ho, wo)
 
@@ -468,14 +475,15 @@ def _forward_depthwise_cl(x, w, stride, padding, out_hw):
     xl = _channels_last(x, *padding)
     # (O, 1, kh, kw) -> (C, m, kh, kw)
     w_cm = w.reshape(c, n_out // c, kh, kw)
-    y = np.zeros((n, ho, wo, c, n_out // c), dtype=x.dtype)
+    y = np.empty((n, ho, wo, c, n_out // c), dtype=x.dtype)
     term = np.empty_like(y)
     for p in range(kh):
         for q in range(kw):
             x_pq = xl[:, _offset(p, sh, ho), _offset(q, sw, wo)]
-            # (N, Ho, Wo, C) -> (N, Ho, Wo, C, 1) times (C, m)
-            np.multiply(x_pq[..., None], w_cm[:, :, p, q], out=term)  # (1)
-            y += term  # (1)
+            # (N, Ho, Wo, C) -> (N, Ho, Wo, C, 1) times (C, m); the first tap starts y
+            np.multiply(x_pq[..., None], w_cm[:, :, p, q], out=y if p == q == 0 else term)  # (1)
+            if p or q:
+                y += term  # (1)
     # (N, Ho, Wo, C, m) -> (N, C, m, Ho, Wo) -> (N, O, Ho, Wo)
     return np.ascontiguousarray(y.transpose(0, 3, 4, 1, 2)).reshape(n, n_out, ho, wo)
 

@@ -49,9 +49,20 @@ The code evaluates (10) divided through by ``n`` inside the bracket,
 Since ``sum_j xhat_j = 0``, (10) gives ``sum_j dx_j = 0`` per channel: the
 output ignores a per-channel shift of ``x`` (a test checks it).
 
-dtype: sums accumulate in float64 (two passes for the variance), and the
-results are cast back, so float32 input gives float32 output, statistics and
-gradients.
+dtype: each per-channel sum is formed in two stages, a sum over the spatial
+entries of one sample and channel in ``x``'s dtype (contiguous, so NumPy sums it
+pairwise, with an error growing like log(H W)), then a sum of those ``N``
+partial sums in float64. The variance takes two passes (the mean first), its
+squares summed by a dot product per sample and channel in ``x``'s dtype (no
+array of squares), then across the batch in float64; ``dgamma`` (7) likewise.
+The results are cast back, so float32 input gives float32 output, statistics
+and gradients.
+
+Passes over full-size arrays, the cost of this op: the forward reads ``x`` for
+(1), writes ``x - mu`` and reads it for (2), scales it in place to ``xhat`` (4)
+and writes ``y`` (5) in two passes (scale, then shift); the backward reads ``dy``
+for (6), ``dy`` and ``xhat`` for (7), and evaluates (10) in four passes over
+one new buffer.
 """
 
 from __future__ import annotations
@@ -77,17 +88,33 @@ def _per_channel(v: np.ndarray, ndim: int) -> np.ndarray:
     return v.reshape((1, -1) + (1,) * (ndim - 2))  # (C,) -> (1, C, 1, ..., 1)
 
 
-def _channel_sum(v: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
-    """Per-channel sum over ``axes``, accumulated in float64: (N, C, ...) -> (C,).
+def _rows(v: np.ndarray) -> np.ndarray:
+    """(N, C, ...) -> (N, C, L) with L the entries per sample and channel (1 for 2-D input)."""
+    return v.reshape(v.shape[0], v.shape[1], -1)
 
-    Summing the batch axis first leaves a contiguous (C, rest) block whose rows
-    reduce quickly; one reduction over the non-contiguous axes (0, 2, 3) is
-    several times slower for small spatial sizes.
+
+def _channel_sum(v: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """Per-channel sum over ``axes``: (N, C, ...) -> (C,) in float64.
+
+    Each sample's contiguous row of ``L`` entries is summed in ``v``'s dtype
+    (pairwise, and several times faster than a reduction that casts every entry
+    to float64), then the ``N`` row sums are accumulated in float64.
     """
     if len(axes) == 1:
-        return v.sum(axis=0, dtype=_ACC)
-    per_sample = v.sum(axis=0, dtype=_ACC)  # (N, C, H, W) -> (C, H, W)
-    return per_sample.reshape(per_sample.shape[0], -1).sum(axis=1)  # (C, H, W) -> (C, H*W) -> (C,)
+        return v.sum(axis=0, dtype=_ACC)  # (N, C) -> (C,)
+    return _rows(v).sum(axis=2).sum(axis=0, dtype=_ACC)  # (N, C, L) -> (N, C) -> (C,)
+
+
+def _channel_dot(u: np.ndarray, v: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """Per-channel ``sum_i u_i v_i`` over ``axes``: (N, C, ...) twice -> (C,) in float64.
+
+    One dot product per sample and channel row (no full-size product array),
+    then the ``N`` row results accumulated in float64, as :func:`_channel_sum`.
+    """
+    if len(axes) == 1:
+        return np.einsum("nc,nc->c", u, v, dtype=_ACC)  # (N, C) -> (C,)
+    per_row = np.einsum("ncl,ncl->nc", _rows(u), _rows(v))  # (N, C, L) -> (N, C)
+    return per_row.sum(axis=0, dtype=_ACC)  # (N, C) -> (C,)
 
 
 def batch_norm_forward(
@@ -118,19 +145,17 @@ def batch_norm_forward(
             )
         mean = (_channel_sum(x, axes) / count).astype(dtype)  # (1)
         xhat = x - _per_channel(mean, x.ndim)  # x - mu, scaled to xhat below
-        scratch = np.square(xhat)
-        var64 = _channel_sum(scratch, axes) / count  # (2), second pass
+        var64 = _channel_dot(xhat, xhat, axes) / count  # (2), second pass
         var = var64.astype(dtype)
         inv_std = (1.0 / np.sqrt(var64 + eps)).astype(dtype)  # (3)
     else:
         mean = np.asarray(running_mean).astype(dtype)
         var = np.asarray(running_var).astype(dtype)
         xhat = x - _per_channel(mean, x.ndim)
-        scratch = None
         inv_std = (1.0 / np.sqrt(np.asarray(running_var, dtype=_ACC) + eps)).astype(dtype)  # (3)
     xhat *= _per_channel(inv_std, x.ndim)  # (4), in place: full-size temporaries are the cost here
 
-    y = np.empty_like(xhat) if scratch is None else scratch  # the squares are no longer needed
+    y = np.empty_like(xhat)
     if gamma is not None:
         np.multiply(xhat, _per_channel(gamma.astype(dtype, copy=False), x.ndim), out=y)  # (5)
     else:
@@ -149,10 +174,7 @@ def batch_norm_backward(dy: np.ndarray, cache: BatchNormCache):
 
     need_dbeta = beta_dtype is not None or (training and x_dtype is not None)  # (10) reads dbeta
     dbeta64 = _channel_sum(dy, axes) if need_dbeta else None  # (6)
-    work = dgamma64 = None
-    if xhat is not None:
-        work = dy * xhat
-        dgamma64 = _channel_sum(work, axes)  # (7)
+    dgamma64 = None if xhat is None else _channel_dot(dy, xhat, axes)  # (7)
     dx = None
     if x_dtype is not None:
         scale = inv_std if gamma is None else gamma.astype(dtype, copy=False) * inv_std  # gamma s, (8)
@@ -160,7 +182,7 @@ def batch_norm_backward(dy: np.ndarray, cache: BatchNormCache):
             dy_mean = _per_channel((dbeta64 / count).astype(dtype), ndim)
             dyxhat_mean = _per_channel((dgamma64 / count).astype(dtype), ndim)
             # (10), evaluated in place in one full-size buffer
-            dx = np.multiply(xhat, dyxhat_mean, out=work)
+            dx = np.multiply(xhat, dyxhat_mean)
             np.subtract(dy, dx, out=dx)
             dx -= dy_mean
             dx *= _per_channel(scale, ndim)
