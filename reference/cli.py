@@ -9,6 +9,9 @@ Subcommands::
     learnsparse report --budget FILE.csv --model MODEL [--column NAME] [--input-size N] [--num-classes N]
     learnsparse finalize CHECKPOINT -o OUT.npz [--trail-sparsity X]
     learnsparse export CHECKPOINT -o OUT.safetensors [--csr]
+    learnsparse compare SWEEP_DIR --targets T1,T2,... [--seeds S1,S2,...] [--methods M1,M2,...]
+        [--scp-lambdas L1,...] [--budget-target T] [--out DIR] [--no-plots] [--config FILE.toml] [--<setting> VALUE ...]
+    learnsparse export CHECKPOINT -o OUT.onnx [--fold-bn] [--opset N]
 
 Every setting of :class:`reference.config.TrainConfig` is a flag of ``train``
 (``batch_size`` is ``--batch-size``; true/false settings come as
@@ -35,6 +38,7 @@ import os
 import re
 import signal
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,7 +53,17 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, the status a shell shows for a writer w
 # A number with a minus sign, in any form float() reads: -3, -.5, -1e30, -2.5E-3, -inf, -nan.
 _NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|-(inf|infinity|nan)", re.IGNORECASE)
 # The positional arguments and flags that name files or directories.
-_PATH_ARGS = ("config", "resume", "checkpoint", "output", "out", "budget", "data_root", "run_dir")
+_PATH_ARGS = (
+    "config",
+    "resume",
+    "checkpoint",
+    "output",
+    "out",
+    "budget",
+    "data_root",
+    "run_dir",
+    "sweep_dir",
+)
 
 
 class _UsageError(Exception):
@@ -97,7 +111,7 @@ def _check_paths(args: argparse.Namespace) -> None:
     for name in _PATH_ARGS:
         value = getattr(args, name, None)
         if isinstance(value, str):
-            flag = name.upper() if name == "checkpoint" else "--" + name.replace("_", "-")
+            flag = name.upper() if name in ("checkpoint", "sweep_dir") else "--" + name.replace("_", "-")
             check_path(value, flag)
 
 
@@ -110,6 +124,22 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers such as 30,60, got {text!r}"
         ) from None
+
+
+def _float_list(text: str) -> list[float]:
+    """``"0.5,0.9"`` -> ``[0.5, 0.9]``."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        return [float(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers such as 0.5,0.9, got {text!r}"
+        ) from None
+
+
+def _name_list(text: str) -> list[str]:
+    """``"str,gmp"`` -> ``["str", "gmp"]``."""
+    return [p.strip() for p in text.split(",") if p.strip()]
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -192,14 +222,68 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p_export = sub.add_parser(
-        "export", help="write a checkpoint's finalized weights as safetensors with torchvision names"
+        "export",
+        help="write a checkpoint's finalized model as safetensors (torchvision names) or as an ONNX graph",
     )
     p_export.add_argument("checkpoint", metavar="CHECKPOINT", help="a trained or finalized .npz checkpoint")
-    p_export.add_argument("-o", "--output", required=True, metavar="OUT.safetensors", help="the output file")
     p_export.add_argument(
-        "--csr", action="store_true", help="store conv and fc weights in compressed sparse row form"
+        "-o", "--output", required=True, metavar="OUT.safetensors|OUT.onnx",
+        help="the output file; its suffix picks the format (no suffix: safetensors)",
+    )  # fmt: skip
+    p_export.add_argument(
+        "--format", choices=("onnx", "safetensors"), default=None, help="the format, whatever the suffix"
     )
+    p_export.add_argument(
+        "--csr",
+        action="store_true",
+        help="store conv and fc weights in compressed sparse row form (safetensors)",
+    )
+    p_export.add_argument(
+        "--fold-bn", action="store_true", help="fold each batch norm into the conv before it (ONNX)"
+    )
+    p_export.add_argument("--opset", type=int, default=None, metavar="N", help="the ONNX opset (default 17)")
+    _add_compare_parser(sub)
     return parser
+
+
+def _add_compare_parser(sub: Any) -> None:
+    from reference.compare import METHODS
+
+    p = sub.add_parser(
+        "compare",
+        help="every method side by side over sparsity targets and seeds: tables and figures (resumable)",
+        description="Train dense, STR, LTP, SCP, magnitude and GMP runs over targets and seeds in SWEEP_DIR "
+        "(run again to continue a stopped sweep), then write compare.md/.csv/.json and figures. "
+        "Model, data and training settings are given as for train.",
+    )
+    p.add_argument("sweep_dir", metavar="SWEEP_DIR", help="directory of the sweep: one run directory per run")
+    p.add_argument(
+        "--targets", type=_float_list, metavar="T1,T2,...", help="sparsity targets, fractions such as 0.5,0.9"
+    )
+    p.add_argument("--seeds", type=_int_list, default=[0], metavar="S1,S2,...", help="seeds (default: 0)")
+    p.add_argument(
+        "--methods",
+        type=_name_list,
+        default=list(METHODS),
+        metavar="M1,M2,...",
+        help=f"methods to run (default: all of {','.join(METHODS)})",
+    )
+    p.add_argument(
+        "--scp-lambdas",
+        type=_float_list,
+        default=[0.008],
+        metavar="L1,L2,...",
+        help="SCP's regularization strengths: one SCP run per value and seed (default: 0.008)",
+    )
+    p.add_argument(
+        "--budget-target", type=float, metavar="T", help="target of layer_budgets.png (default: nearest 0.9)"
+    )
+    p.add_argument("--out", metavar="DIR", help="where the tables and figures go (default: SWEEP_DIR)")
+    p.add_argument("--no-plots", action="store_true", help="write the tables only (no matplotlib needed)")
+    p.add_argument(
+        "--config", metavar="FILE.toml", help="read model, data and training settings from a TOML file"
+    )
+    _add_config_flags(p)
 
 
 # ---------------------------------------------------------------------------
@@ -208,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from reference.checkpoint import load_checkpoint
+    from reference.distributed import world
     from reference.runtime import keep_freed_memory
     from reference.train import train
 
@@ -236,7 +321,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _check_training_memory(config)
     log = (lambda _msg: None) if args.quiet else _print
     result = train(config, resume=resume, log=log)
-    if args.quiet:
+    if args.quiet and world().rank == 0:  # one line for the run, from rank 0 of a data-parallel one
         m = result.metrics
         _print(
             f"test accuracy {m['test_acc']:.2%} (best {result.best_acc:.2%} at epoch {result.best_epoch}), "
@@ -266,6 +351,65 @@ def _check_training_memory(config: TrainConfig) -> None:
         total += synthetic_bytes(shape, classes, config.train_size, config.test_size)
         what += f" with {config.train_size:,} + {config.test_size:,} synthetic images"
     require_memory(total, what)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from reference.compare import SweepSpec, check_base_settings, run_sweep
+    from reference.config import load_toml
+    from reference.runtime import keep_freed_memory
+
+    keep_freed_memory()
+    overrides = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)
+    }
+    check_base_settings(overrides, "the flags")
+    if args.config is not None:
+        check_base_settings(load_toml(args.config), f"config file {args.config!r}")
+    for name in ("run_dir", "progress"):
+        if name in overrides:
+            raise ConfigError(
+                f"compare: --{name.replace('_', '-')} is not used: each run has its directory under "
+                "SWEEP_DIR/runs, and runs show no progress bar"
+            )
+    base = resolve_config(args.config, overrides)
+    if args.targets is None:
+        raise ConfigError("compare needs --targets, fractions of zero weights such as --targets 0.5,0.8,0.9")
+    spec = SweepSpec(
+        base,
+        tuple(args.targets),
+        tuple(args.seeds),
+        tuple(args.methods),
+        tuple(args.scp_lambdas),
+        args.budget_target,
+    )
+    _check_training_memory(base)
+    command = _compare_command(args, overrides)
+    run_sweep(args.sweep_dir, spec, log=_print, out=args.out, plots=not args.no_plots, command=command)
+    return 0
+
+
+def _compare_command(args: argparse.Namespace, overrides: dict[str, Any]) -> str:
+    """The compare command line these arguments spell, for the sweep's tables."""
+    import shlex
+
+    def join(values: Sequence[Any]) -> str:
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+    words = [PROG, "compare", args.sweep_dir, "--targets", join(args.targets), "--seeds", join(args.seeds)]
+    words += ["--methods", join(args.methods), "--scp-lambdas", join(args.scp_lambdas)]
+    if args.budget_target is not None:
+        words += ["--budget-target", f"{args.budget_target:g}"]
+    if args.config is not None:
+        words += ["--config", args.config]
+    for name, value in overrides.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else "--no-" + name.replace("_", "-"))
+        else:
+            words += [flag, join(value) if isinstance(value, (list, tuple)) else str(value)]
+    if args.out is not None:
+        words += ["--out", args.out]
+    return shlex.join(words)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -348,12 +492,21 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _report_budget(args: argparse.Namespace) -> int:
+    from reference.build import budget_from_checkpoint
     from reference.sparsity.budgets import cost_budget_report
 
     if args.model is None:
         raise ConfigError("report --budget needs --model MODEL (the model to cost the budget on)")
     _check_model_flags(args, ("input_size", "num_classes"))
-    _print(cost_budget_report(args.model, args.budget, args.column, args.input_size, args.num_classes))
+    report = cost_budget_report(
+        args.model,
+        args.budget,
+        args.column,
+        args.input_size,
+        args.num_classes,
+        measure_checkpoint=budget_from_checkpoint,
+    )
+    _print(report)
     return 0
 
 
@@ -378,17 +531,25 @@ def _cmd_finalize(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from reference.export import export_safetensors
+    from reference.export import export_model, export_options
     from reference.files import refuse_overwriting_inputs
-    from reference.finalize import finalize, has_sparsity_modules, load_model_from_checkpoint
+    from reference.finalize import load_model_from_checkpoint
 
     refuse_overwriting_inputs(args.output, [args.checkpoint], "export")
-    model = load_model_from_checkpoint(_finite_checkpoint(args.checkpoint)).model
-    if has_sparsity_modules(model):
-        finalize(model)
-    path = export_safetensors(model, args.output, csr=args.csr)
-    form = "CSR conv/fc weights" if args.csr else "dense weights"
-    _print(f"wrote {str(path)!r} ({form}, torchvision names, {path.stat().st_size:,} bytes)")
+    _, opset = export_options(  # a bad suffix, format or option is reported before any loading
+        args.output, args.format, csr=args.csr, fold_bn=args.fold_bn, opset=args.opset
+    )
+    restored = load_model_from_checkpoint(_finite_checkpoint(args.checkpoint))
+    path, fmt = export_model(
+        restored, args.output, args.format, csr=args.csr, fold_bn=args.fold_bn, opset=args.opset
+    )
+    size = f"{path.stat().st_size:,} bytes"
+    if fmt == "onnx":
+        folded = ", batch norm folded" if args.fold_bn else ""
+        _print(f"wrote {str(path)!r} (ONNX, opset {opset}{folded}, dynamic batch axis, {size})")
+    else:
+        form = "CSR conv/fc weights" if args.csr else "dense weights"
+        _print(f"wrote {str(path)!r} ({form}, torchvision names, {size})")
     return 0
 
 
@@ -410,6 +571,7 @@ _COMMANDS = {
     "report": _cmd_report,
     "finalize": _cmd_finalize,
     "export": _cmd_export,
+    "compare": _cmd_compare,
 }
 
 
@@ -442,21 +604,35 @@ def _main(argv: Sequence[str] | None) -> int:
         return _COMMANDS[args.command](args)
     except (LearnsparseError, _UsageError) as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
-        return 2
+        return _failed(f"error: {message}", 2, exc)
     except BrokenPipeError:
         _silence_stdout()
         return EXIT_BROKEN_PIPE
     except MemoryError as exc:  # a size the up-front estimates let through
         message = " ".join(str(exc).split()) or "an allocation failed"
-        print(f"{PROG}: error: out of memory: {message}", file=sys.stderr, flush=True)
-        return 2
+        return _failed(f"error: out of memory: {message}", 2, exc)
     except KeyboardInterrupt as exc:  # Ctrl-C (130) or SIGTERM (143)
         terminated = isinstance(exc, _Terminated)
         print(f"{PROG}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr, flush=True)
         return 128 + signal.SIGTERM if terminated else 130
     except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else 0
+    except Exception as exc:  # a failure nobody foresaw: on one of several ranks, stop them all
+        from reference.distributed import current
+
+        if current().size == 1:
+            raise
+        traceback.print_exc()
+        return _failed(f"error: {type(exc).__name__}: {' '.join(str(exc).split())}", 1, exc)
+
+
+def _failed(message: str, code: int, exc: BaseException) -> int:
+    """Print ``message`` and return ``code``; one of several ranks follows the data-parallel failure
+    protocol (:func:`reference.distributed.report_failure`): one line, naming the rank, and every rank
+    stops."""
+    from reference.distributed import current, report_failure
+
+    return report_failure(current(), PROG, message, code, on_every_rank=getattr(exc, "on_every_rank", False))
 
 
 def _silence_stdout() -> None:
