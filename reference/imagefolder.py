@@ -40,8 +40,9 @@ worker processes.
 Workers: with ``workers=0`` batches are decoded in the calling process when
 asked for. With ``workers=k > 0`` a pool of ``k`` processes decodes whole
 batches, at most ``k + prefetch`` of them ahead of the consumer (a bounded
-window, yielded in order); the pool lives as long as the iteration and is
-terminated when the generator finishes or is closed. Workers are forked where
+window, yielded in order); the pool lives as long as the iteration, and
+closing the iteration early drops the queued batches and waits for those
+being decoded. Workers are forked where
 the platform can fork (Linux), so they start fast and need no import guard;
 elsewhere they are spawned, and a script that iterates with workers must do
 so under ``if __name__ == "__main__":``.
@@ -54,6 +55,7 @@ import math
 import multiprocessing
 import numbers
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -372,17 +374,24 @@ class ImageFolder:
             return
         window = workers + prefetch
         ctx = multiprocessing.get_context(_START_METHOD)
-        with ctx.Pool(min(workers, len(tasks))) as pool:
+        # An executor, not multiprocessing.Pool: Pool.terminate() with tasks in
+        # flight can deadlock its task-handler thread (seen when an iteration
+        # is closed early); shutdown(cancel_futures=True) drops the queued
+        # batches and waits for the running ones, so closing always returns.
+        pool = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx)
+        try:
             pending: collections.deque = collections.deque()
             it = iter(tasks)
             for paths, seeds, labels in it:
-                pending.append((pool.apply_async(_decode_batch, (paths, seeds, size)), labels))
+                pending.append((pool.submit(_decode_batch, paths, seeds, size), labels))
                 if len(pending) >= window:
                     break
             while pending:
-                result, labels = pending.popleft()
-                x = result.get()
+                future, labels = pending.popleft()
+                x = future.result()
                 nxt = next(it, None)
                 if nxt is not None:
-                    pending.append((pool.apply_async(_decode_batch, (nxt[0], nxt[1], size)), nxt[2]))
+                    pending.append((pool.submit(_decode_batch, nxt[0], nxt[1], size), nxt[2]))
                 yield finish(x, labels)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
