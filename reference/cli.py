@@ -333,11 +333,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _check_training_memory(config: TrainConfig) -> None:
     """Refuse, before anything is built, a run whose model, batch and data cannot fit in memory."""
     from reference.accounting import estimate_memory
-    from reference.data import synthetic_bytes
+    from reference.data import dataset_image_shape, synthetic_bytes
     from reference.memory import require_memory
 
-    size = config.image_size
-    shape = {"digits": (1, 8, 8), "cifar10": (3, 32, 32)}.get(config.dataset, (3, size, size))
+    shape = dataset_image_shape(config.dataset, config.image_size)
     # The classes of the data set are not known before it is read; the model has at least these.
     classes = config.num_classes or (2 if config.dataset == "imagefolder" else 10)
     need = estimate_memory(config.model, shape, classes, config.width)

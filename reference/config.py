@@ -244,7 +244,7 @@ _STR_FIELDS = {"model", "dataset", "data_root", "schedule", "run_dir", "method",
 _OPTIONAL_FIELDS = {"data_root", "num_classes", "run_dir", "target_sparsity", "threshold_decay",
                     "prune_end_epoch", "budget", "budget_column"}  # fmt: skip
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
-_BUILTIN_DATASETS = ("digits", "synthetic")  # generated or bundled: no data_root needed
+_BUILTIN_DATASETS = ("digits", "digits32", "synthetic")  # generated or bundled: no data_root needed
 _NO_TARGET_METHODS = ("dense", "scp")  # target_sparsity would be ignored: refuse it
 _PATH_FIELDS = ("data_root", "run_dir", "budget")
 _NAME_MAX = 255  # bytes in one path component on the common file systems (ext4, XFS, APFS, NTFS)
@@ -402,7 +402,7 @@ def _validate(cfg: TrainConfig) -> None:
         if getattr(cfg, name) not in valid:
             raise ConfigError(f"unknown {name} {getattr(cfg, name)!r}; expected one of: {', '.join(valid)}")
     if cfg.dataset in _BUILTIN_DATASETS and cfg.data_root is not None:
-        where = "bundled with the library" if cfg.dataset == "digits" else "generated from the seed"
+        where = "generated from the seed" if cfg.dataset == "synthetic" else "bundled with the library"
         raise ConfigError(
             f"data_root is not used by dataset {cfg.dataset!r} ({where}), got {cfg.data_root!r}; leave it unset"
         )

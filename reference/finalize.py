@@ -171,8 +171,11 @@ def _dataset_shapes(config: TrainConfig) -> tuple[tuple[int, int, int], int] | N
 
         classes = config.num_classes if config.num_classes is not None else count_classes(config.data_root)
         return (3, size, size), classes
-    table = {"digits": ((1, 8, 8), 10), "synthetic": ((3, size, size), 10), "cifar10": ((3, 32, 32), 10)}
-    return table.get(config.dataset)
+    if config.dataset in ("digits", "digits32", "synthetic", "cifar10"):
+        from reference.data import dataset_image_shape
+
+        return dataset_image_shape(config.dataset, size), 10
+    return None
 
 
 def data_shape(config: TrainConfig) -> tuple[tuple[int, int, int], int]:

@@ -127,15 +127,16 @@ def preprocessing_of(dataset: str, input_shape: tuple[int, ...]) -> dict[str, An
     ``dataset`` is the training data set's name; ``input_shape`` one image's (C, H, W).
     """
     c = int(input_shape[0])
-    if dataset == "digits":
+    if dataset in ("digits", "digits32"):
         from reference.data import digits_statistics
 
         mean, std = digits_statistics()
+        upsampled = " after repeating each pixel over a 4x4 block" if dataset == "digits32" else ""
         return {
             "pixel_scale": 1.0 / 16.0,
             "mean": [mean] * c,
             "std": [std] * c,
-            "preprocessing": "8x8 grey digits with pixels 0..16: x = (pixel / 16 - mean) / std",
+            "preprocessing": f"8x8 grey digits with pixels 0..16{upsampled}: x = (pixel / 16 - mean) / std",
         }
     if dataset == "cifar10":
         from reference.data import CIFAR10_MEAN, CIFAR10_STD

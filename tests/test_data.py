@@ -10,6 +10,7 @@ from reference.data import (
     CIFAR10_STD,
     DATASET_NAMES,
     Dataset,
+    dataset_image_shape,
     iterate_batches,
     load_dataset,
     num_batches,
@@ -33,7 +34,7 @@ def nearest_class_mean_accuracy(x_train, y_train, x_test, y_test, num_classes):
 
 # ------------------------------------------------------------------ digits
 def test_digits_shapes_dtypes_and_normalisation(digits):
-    assert DATASET_NAMES == ("digits", "synthetic", "cifar10", "imagefolder")
+    assert DATASET_NAMES == ("digits", "digits32", "synthetic", "cifar10", "imagefolder")
     assert digits.name == "digits" and digits.num_classes == 10 and digits.augment == "digits"
     assert digits.x_train.shape[1:] == digits.x_test.shape[1:] == (1, 8, 8) == digits.image_shape
     assert len(digits.x_train) + len(digits.x_test) == 1797
@@ -70,6 +71,22 @@ def test_digits_split_is_fixed_stratified_and_a_partition(digits):
     test_rows = {r.tobytes() for r in np.rint((x_test - lo) / (hi - lo) * 16)}
     duplicated = {r.tobytes() for r, c in zip(*np.unique(raw, axis=0, return_counts=True)) if c > 1}
     assert not (train_rows & test_rows) - duplicated
+
+
+def test_digits32_is_the_digits_upsampled_4x(digits):
+    big = load_dataset("digits32")
+    assert big.name == "digits32" and big.image_shape == (1, 32, 32) and big.augment == "digits"
+    for small, large in ((digits.x_train, big.x_train), (digits.x_test, big.x_test)):
+        assert large.dtype == np.float32 and not large.flags.writeable
+        # each 8x8 pixel is a 4x4 block: the block's top-left corners are the digits, and all 16 agree
+        np.testing.assert_array_equal(large[:, :, ::4, ::4], small)
+        blocks = large.reshape(len(large), 1, 8, 4, 8, 4)
+        assert (blocks == blocks[:, :, :, :1, :, :1]).all()
+    np.testing.assert_array_equal(big.y_train, digits.y_train)
+    np.testing.assert_array_equal(big.y_test, digits.y_test)
+    for name in ("digits", "digits32", "cifar10", "synthetic"):
+        data_shape = load_dataset(name, root=None).image_shape if name != "cifar10" else (3, 32, 32)
+        assert dataset_image_shape(name, 32) == data_shape
 
 
 def test_digits_are_learnable(digits):

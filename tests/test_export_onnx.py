@@ -171,6 +171,16 @@ def test_batch_axis_is_dynamic_and_the_metadata_states_the_preprocessing(tmp_pat
     assert [o.version for o in synthetic.opset_import] == [DEFAULT_OPSET]
 
 
+def test_upsampled_digits_state_their_4x4_blocks():
+    from reference.data import digits_statistics
+    from reference.onnx_export import preprocessing_of
+
+    small, large = preprocessing_of("digits", (1, 8, 8)), preprocessing_of("digits32", (1, 32, 32))
+    mean, std = digits_statistics()  # repeating pixels changes neither
+    assert small["mean"] == large["mean"] == [mean] and small["std"] == large["std"] == [std]
+    assert "4x4 block" in large["preprocessing"] and "4x4" not in small["preprocessing"]
+
+
 def test_the_format_follows_the_suffix_or_the_flag(tmp_path, capsys):
     net, config = tiny("dense", "digits_cnn")
     trained = save(net, config, tmp_path / "trained.npz")

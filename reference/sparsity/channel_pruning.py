@@ -259,9 +259,11 @@ class SCP(SparsityMethod):
 
 def _image_size(config) -> tuple[int, int] | None:
     """The (H, W) of the images of ``config``'s data set (None for a data set not listed here)."""
-    sizes = {"digits": 8, "cifar10": 32, "synthetic": config.image_size}
-    size = sizes.get(config.dataset)
-    return None if size is None else (size, size)
+    from reference.data import dataset_image_shape
+
+    if config.dataset not in ("digits", "digits32", "synthetic", "cifar10"):
+        return None
+    return dataset_image_shape(config.dataset, config.image_size)[1:]
 
 
 def from_config(config) -> SCP:
