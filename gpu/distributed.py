@@ -18,7 +18,9 @@ NCCL instead, device to device, with no copy to the host.
 Nothing here has run on a GPU in this project's tests: the CPU suite checks,
 through the CPU execution mode and a stand-in ``nccl`` module, the unique-id
 handoff, the arguments of every call (device pointers, counts, NCCL data
-types, the operation, the stream) and the bucketed sums they produce.
+types, the operation, the stream) and the bucketed sums they produce. On a GPU,
+``tests/test_distributed.py::test_one_process_nccl_sums_on_a_real_gpu`` makes the
+real calls with one rank (the GPU check runs it with the other ``gpu`` tests).
 """
 
 from __future__ import annotations

@@ -570,6 +570,40 @@ def test_nccl_buckets_on_the_device_go_on_the_current_stream(emulated_cupy):
         NcclAllreduce(Communicator(), nccl, cp)(cp.zeros((4, 4), dtype=cp.float32)[:, 1])
 
 
+@pytest.mark.gpu
+def test_one_process_nccl_sums_on_a_real_gpu():
+    """The real ``cupy.cuda.nccl`` with one rank (one GPU suffices): the communicator is made from
+    a unique id, every bucket is summed in place on the stream the caller runs on, and the sum over
+    one rank is that rank's own scaled gradient, for every dtype NCCL takes here."""
+    if os.environ.get("LEARNSPARSE_EMULATE_GPU") == "1":
+        pytest.skip("NCCL has no CPU execution mode; the stand-in tests above check the calls")
+    import cupy as cp
+
+    from gpu.distributed import NcclAllreduce
+
+    rng = np.random.default_rng(7)
+    shapes = [(64, 3, 3, 3), (64,), (1000, 64), (1000,)]
+    grads = [rng.normal(size=s).astype(np.float32) for s in shapes]
+    params = [Parameter(cp.zeros(s, dtype=cp.float32)) for s in shapes]
+    for p, g in zip(params, grads):
+        p.grad = cp.asarray(g)
+    allreduce = NcclAllreduce(Communicator())
+    buckets = plan_buckets(shapes, ["float32"] * len(shapes), limit=64 * 1024)
+    assert len(buckets) > 1
+    stream = cp.cuda.Stream(non_blocking=True)  # not the default stream: the calls must follow the caller's
+    with stream:
+        reduce_gradients(params, buckets, 0.5, allreduce, cp)
+    stream.synchronize()
+    for p, g in zip(params, grads):
+        np.testing.assert_array_equal(cp.asnumpy(p.grad), g * np.float32(0.5))
+    for dtype in (np.float16, np.float64):
+        x = cp.asarray(rng.normal(size=257).astype(dtype))
+        before = cp.asnumpy(x)
+        assert allreduce(x) is x
+        cp.cuda.get_current_stream().synchronize()
+        np.testing.assert_array_equal(cp.asnumpy(x), before)
+
+
 def test_each_rank_takes_the_gpu_of_its_place_on_the_node():
     from types import SimpleNamespace
 
