@@ -9,14 +9,13 @@ Experiments (``NAME``: model and data):
 
 - ``digits_cnn``: the small CNN on scikit-learn's 8x8 digits (359 test images: one image is
   0.28 points), 16 epochs, targets 0.7 to 0.98, seeds 0, 1 and 2, SCP at three lambdas;
-- ``resnet20``: CIFAR ResNet-20 at width 0.5 on the same digits at their own 8x8 size (the
-  library has no upsampled digits; the CIFAR ResNet takes 8x8 inputs: 8 -> 4 -> 2), 5 epochs,
-  targets 0.9 and 0.97, one seed;
-- ``mobilenet_v1``: MobileNetV1 at width 0.5 on the ``synthetic`` data set (CIFAR-shaped 3x32x32
-  images with a learnable signal, 1,024 train / 512 test: MobileNetV1 halves its input five
-  times, so 8x8 digits would leave it nothing to see), 6 epochs, targets 0.9 and 0.97, one seed.
+- ``resnet20``: CIFAR ResNet-20 at width 0.5 on ``digits32`` (the same digits at 32x32, each
+  pixel a 4x4 block, so the ResNet sees CIFAR-sized inputs: 32 -> 16 -> 8), 10 epochs, targets
+  0.7, 0.9 and 0.97, one seed, SCP at three lambdas;
+- ``mobilenet_v1``: MobileNetV1 at width 0.5 on ``digits32`` (it halves its input five times:
+  32 -> 1), 12 epochs, targets 0.7, 0.9 and 0.97, one seed, SCP at three lambdas.
 
-The sizes keep each sweep within about a quarter of an hour on two shared CPU cores.
+The sizes keep each sweep within about a quarter of an hour on two CPU cores.
 
 Usage (from the repository root)::
 
@@ -26,7 +25,7 @@ Each experiment writes ``<results>/compare_<NAME>/`` (``compare.md``, ``.csv``, 
 the figures; default ``benchmarks/results``). Its run directories (checkpoints) go to
 ``<sweeps>/<NAME>`` (default ``runs/compare``, which git ignores): run the same command again
 and a stopped sweep continues where it stopped. ``--quick`` is a smoke test (2 epochs, two
-targets, one seed, tiny synthetic sets) whose numbers mean nothing; it writes its tables next to
+targets, one seed; tiny sets where the data set is synthetic) whose numbers mean nothing; it writes its tables next to
 its sweeps, never to the results directory.
 """
 
@@ -51,13 +50,12 @@ EXPERIMENTS: dict[str, list[str]] = {
         "--scp-lambdas", "0.004,0.008,0.016", "--budget-target", "0.95",
     ],
     "resnet20": [
-        "--model", "resnet20", "--width", "0.5", "--dataset", "digits", "--epochs", "5", "--lr", "0.1",
-        "--batch-size", "64", "--targets", "0.9,0.97", "--seeds", "0", "--scp-lambdas", "0.015",
+        "--model", "resnet20", "--width", "0.5", "--dataset", "digits32", "--epochs", "10", "--lr", "0.1",
+        "--batch-size", "64", "--targets", "0.7,0.9,0.97", "--seeds", "0", "--scp-lambdas", "0.003,0.008,0.02",
     ],
     "mobilenet_v1": [
-        "--model", "mobilenet_v1", "--width", "0.5", "--dataset", "synthetic", "--image-size", "32",
-        "--train-size", "1024", "--test-size", "512", "--epochs", "6", "--lr", "0.1", "--batch-size", "64",
-        "--targets", "0.9,0.97", "--seeds", "0", "--scp-lambdas", "0.03",
+        "--model", "mobilenet_v1", "--width", "0.5", "--dataset", "digits32", "--epochs", "12", "--lr", "0.1",
+        "--batch-size", "64", "--targets", "0.7,0.9,0.97", "--seeds", "0", "--scp-lambdas", "0.001,0.002,0.004",
     ],
 }  # fmt: skip
 QUICK = ["--epochs", "2", "--targets", "0.5,0.9", "--seeds", "0", "--train-size", "128", "--test-size", "64"]
