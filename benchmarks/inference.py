@@ -431,16 +431,26 @@ def _versions(threads: int) -> dict[str, Any]:
     return info
 
 
+def machine_state(machine: dict[str, Any]) -> str:
+    """One sentence on how busy the machine was when the run started, from its load average."""
+    cores = machine["cores_available_to_process"]
+    loads = machine["load_average_at_start"]
+    shown = f"load average {', '.join(f'{v:.1f}' for v in loads)} over 1, 5 and 15 minutes at the start"
+    if max(loads) > cores:  # more runnable work than cores: other jobs took turns on ours
+        return (
+            f"**The machine was shared and busy** ({shown}, on {cores} cores), so the numbers are noisy; "
+            "the ratios between rows of one run mean more than the absolute values."
+        )
+    return f"The machine was otherwise quiet ({shown}, on {cores} cores)."
+
+
 def _markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Inference on the CPU: dense, STR and SCP in ONNX Runtime, PyTorch and NumPy",
         "",
         f"Measured {result['date']} with `{result['command']}` on {result['machine']['cpu_model']} "
         f"({result['machine']['cores_available_to_process']} cores; threads: {result['versions']['threads']} "
-        "for every engine). **The machine was shared and busy** (other jobs ran on the same cores, load "
-        f"average {', '.join(f'{v:.1f}' for v in result['machine']['load_average_at_start'])} over 1, 5 and "
-        "15 minutes at the start, on 2 cores), so the numbers are noisy; the ratios "
-        "between rows of one run mean more than the absolute values.",
+        f"for every engine). {machine_state(result['machine'])}",
         "",
         f"Latency: median ms for one image; throughput: images/s at batch {result['batch']} "
         f"({result['image']}x{result['image']}, 1000 classes).",
@@ -470,8 +480,8 @@ def _markdown(result: dict[str, Any]) -> str:
     )
     lines += [
         "",
-        "The same, from the fastest run of each instead of the median (on a loaded machine the fastest run "
-        "is the one least disturbed by other work):",
+        "The same, from the fastest run of each instead of the median (the run least disturbed by any "
+        "other work):",
         "",
         "| model | variant | ONNX Runtime ms | img/s | PyTorch ms | img/s | NumPy ms | img/s |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
