@@ -87,6 +87,12 @@ def test_digits32_is_the_digits_upsampled_4x(digits):
     for name in ("digits", "digits32", "cifar10", "synthetic"):
         data_shape = load_dataset(name, root=None).image_shape if name != "cifar10" else (3, 32, 32)
         assert dataset_image_shape(name, 32) == data_shape
+    # SCP keeps its own copy of the sizes (a method may not import the data layer): the same
+    from reference.config import TrainConfig
+    from reference.sparsity.channel_pruning import _image_size
+
+    for name in ("digits", "digits32", "synthetic"):
+        assert _image_size(TrainConfig(dataset=name)) == dataset_image_shape(name, 32)[1:]
 
 
 def test_digits_are_learnable(digits):
