@@ -294,10 +294,8 @@ def digits_statistics() -> tuple[float, float]:
 def _load_digits(upsample: int = 1) -> Dataset:
     images, labels, is_test = _digits_split()
     x_train, x_test = images[~is_test], images[is_test]
-    mean, std = (
-        x_train.mean(),
-        x_train.std(),
-    )  # the same after upsampling: every pixel counts upsample**2 times
+    # the statistics of the 8x8 pixels, which upsampling keeps: every pixel counts upsample**2 times
+    mean, std = x_train.mean(), x_train.std()
     x_train = ((x_train - mean) / std).astype(np.float32)[:, None]  # (N, 8, 8) -> (N, 1, 8, 8)
     x_test = ((x_test - mean) / std).astype(np.float32)[:, None]  # (N, 8, 8) -> (N, 1, 8, 8)
     if upsample > 1:  # (N, 1, 8, 8) -> (N, 1, 8 k, 8 k), each pixel a k x k block
