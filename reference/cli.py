@@ -115,6 +115,17 @@ def _check_paths(args: argparse.Namespace) -> None:
             check_path(value, flag)
 
 
+def _count(text: str) -> int:
+    """A positive integer, such as a number of batches."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer such as 20, got {text!r}")
+    return value
+
+
 def _int_list(text: str) -> list[int]:
     """``"30,60,80"`` -> ``[30, 60, 80]``; an empty string is an empty list."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
@@ -219,6 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="X",
         help="finalize the snapshot of the run's trail (LTP) chosen for this sparsity, a fraction such as 0.9",
+    )
+    p_final.add_argument(
+        "--recalibrate-bn",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="then set the batch norms' running statistics from N training batches (for LTP: its soft "
+        "mask in training left them off for the hard-masked network)",
+    )
+    p_final.add_argument(
+        "--data-root", help="--recalibrate-bn: where the data set is (default: the config's)"
     )
 
     p_export = sub.add_parser(
@@ -513,11 +535,19 @@ def _cmd_finalize(args: argparse.Namespace) -> int:
     from reference.finalize import finalize_checkpoint
 
     _finite_checkpoint(args.checkpoint)
-    path, summary = finalize_checkpoint(args.checkpoint, args.output, trail_sparsity=args.trail_sparsity)
+    path, summary = finalize_checkpoint(
+        args.checkpoint,
+        args.output,
+        trail_sparsity=args.trail_sparsity,
+        recalibrate_bn=args.recalibrate_bn,
+        data_root=args.data_root,
+    )
     compression = f"{summary.weights / summary.nonzeros:.2f}x" if summary.nonzeros else "infinite"
     done = []
     if summary.layers:
         done.append(f"{len(summary.layers)} layers now hold their effective weights")
+    if summary.recalibrated_bn_batches:
+        done.append(f"batch norms recalibrated on {summary.recalibrated_bn_batches} training batches")
     if summary.slimmed and isinstance(summary.slim, dict):
         before, after = summary.slim.get("channels_before", 0), summary.slim.get("channels_after", 0)
         done.append(f"masked channels {before:,} -> {after:,}, removed from the network")

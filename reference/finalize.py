@@ -23,6 +23,14 @@ checkpoint whose config says ``method = "dense"`` and whose ``extra`` holds a
      "weights": <conv+fc weights>, "nonzeros": <of them nonzero>,
      "trail_sparsity": null, "slim": <what slim() reported, or null>}
 
+``finalize --recalibrate-bn N`` (:func:`recalibrate_batch_norm`) then runs N
+training batches through the plain model to replace every batch norm's running
+statistics by those of the network as it now is. Methods that train with a
+soft mask (LTP) gather their statistics under it, and the hard mask of
+evaluation shifts every layer's inputs: measured on MobileNetV1 (digits32,
+LTP at 70.8 %), the recalibrated statistics are worth 36 points of test
+accuracy. The record then holds ``"recalibrated_bn_batches": N``.
+
 For a slimmed model the saved arrays carry the smaller shapes, and
 :func:`load_model_from_checkpoint` rebuilds that architecture with
 ``reference.sparsity.slimming.slim_to_state`` before loading them. It loads
@@ -40,7 +48,7 @@ import numpy as np
 
 from reference.autodiff import as_array, no_grad
 from reference.build import build_data, build_model_and_method
-from reference.checkpoint import Checkpoint, check_finite, load_checkpoint, save_checkpoint
+from reference.checkpoint import Checkpoint, check_finite, first_non_finite, load_checkpoint, save_checkpoint
 from reference.config import TrainConfig
 from reference.errors import CheckpointError, ConfigError
 from reference.files import refuse_overwriting_inputs
@@ -74,6 +82,9 @@ class FinalizeSummary:
     nonzeros: int  # of them nonzero
     slimmed: bool  # channels were physically removed (SCP)
     slim: Any = None  # what slimming.slim reported
+    recalibrated_bn_batches: int = (
+        0  # training batches the batch norms were recalibrated on (finalize_checkpoint)
+    )
 
     @property
     def sparsity(self) -> float:
@@ -290,8 +301,56 @@ def pick_trail_checkpoint(src: str | Path, target: float) -> Path:
     return Path(pick_from_trail(Path(src).parent, _check_trail_sparsity(target)))
 
 
+def recalibrate_batch_norm(model: Module, batches) -> int:
+    """Set every batch norm's running statistics to their average over ``batches``; returns the count.
+
+    ``batches`` yields input arrays (N, C, H, W). With ``momentum = 1 / k`` at
+    the k-th batch, the usual update ``r <- (1 - m) r + m b`` leaves ``r`` the
+    plain mean of the K batch statistics (the mean, and the unbiased variance
+    the training update uses), whatever it held before. Only the batch norms'
+    buffers change: no gradient, no parameter; their momenta are restored and
+    the model is left in evaluation mode. Call it on a plain (finalized) model,
+    so that training mode means only "batch statistics".
+    """
+    from reference.autodiff import Tensor
+    from reference.nn.layers import BatchNorm2d
+
+    norms = [m for m in model.modules() if isinstance(m, BatchNorm2d)]
+    momenta = [m.momentum for m in norms]
+    count = 0
+    model.train()
+    try:
+        with no_grad():
+            for x in batches:
+                count += 1
+                for m in norms:
+                    m.momentum = 1.0 / count
+                model(Tensor(x))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.eval()
+    return count
+
+
+def _recalibration_batches(restored, batches: int, data_root: str | None):
+    """The first ``batches`` shuffled training batches of the checkpoint's data set (no augmentation)."""
+    config = restored.config
+    data = build_data(config, data_root=data_root)
+    rng = np.random.default_rng([config.seed, 1 << 21])  # its own stream: not the training order
+    for k, (x, _) in enumerate(data.train_batches(config.batch_size, rng, augment=False)):
+        if k == batches:
+            return
+        yield x
+
+
 def finalize_checkpoint(
-    src: str | Path, dst: str | Path, *, trail_sparsity: float | None = None
+    src: str | Path,
+    dst: str | Path,
+    *,
+    trail_sparsity: float | None = None,
+    recalibrate_bn: int = 0,
+    data_root: str | None = None,
 ) -> tuple[Path, FinalizeSummary]:
     """Finalize the model in checkpoint ``src`` and save it as a finalized checkpoint at ``dst``.
 
@@ -300,8 +359,14 @@ def finalize_checkpoint(
     checked before ``dst`` is written, including that the checkpoint read
     holds only finite values; the write is atomic. A ``dst`` that is
     ``src`` (or the trail snapshot read), by any path to it, is refused: the
-    training checkpoint would be lost.
+    training checkpoint would be lost. ``recalibrate_bn`` > 0 recalibrates the
+    batch norms on that many training batches (:func:`recalibrate_batch_norm`;
+    ``data_root`` overrides the config's for a data set read from disk).
     """
+    if isinstance(recalibrate_bn, bool) or not isinstance(recalibrate_bn, int) or recalibrate_bn < 0:
+        raise ConfigError(
+            f"finalize: recalibrate_bn must be a number of batches >= 0, got {recalibrate_bn!r}"
+        )
     refuse_overwriting_inputs(dst, [src], "finalize")
     if trail_sparsity is not None:
         if not Path(src).is_file():
@@ -310,6 +375,17 @@ def finalize_checkpoint(
         refuse_overwriting_inputs(dst, [src], "finalize")
     restored = load_model_from_checkpoint(check_finite(load_checkpoint(src)))  # the file actually read
     summary = finalize(restored.model)
+    recalibrated = 0
+    if recalibrate_bn:
+        batches = _recalibration_batches(restored, recalibrate_bn, data_root)
+        recalibrated = recalibrate_batch_norm(restored.model, batches)
+        summary = dataclasses.replace(summary, recalibrated_bn_batches=recalibrated)
+        bad = first_non_finite(restored.model.state_dict().items())
+        if bad is not None:
+            raise CheckpointError(
+                f"finalize --recalibrate-bn: {bad!r} became non-finite on the training batches; "
+                "nothing was written"
+            )
     ckpt = restored.checkpoint
     record = {
         "from_method": restored.method_name,
@@ -321,6 +397,7 @@ def finalize_checkpoint(
         "nonzeros": summary.nonzeros,
         "trail_sparsity": trail_sparsity,
         "slim": _plain(summary.slim),
+        "recalibrated_bn_batches": recalibrated,
     }
     path = save_checkpoint(
         dst,

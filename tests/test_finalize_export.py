@@ -441,3 +441,56 @@ def test_a_checkpoint_with_settings_its_run_ignored_still_loads(tmp_path, capsys
     )  # fmt: skip
     code, out, err = run(capsys, "eval", old)
     assert code == 0 and "accuracy" in out, err
+
+
+# ------------------------------------------------------------------ batch-norm recalibration
+def test_recalibration_leaves_the_plain_mean_of_the_batch_statistics():
+    from reference.finalize import recalibrate_batch_norm
+
+    norm = BatchNorm2d(3, momentum=0.1)
+    norm.running_mean[...] = 7.0  # whatever it held before does not count
+    norm.running_var[...] = 9.0
+    gamma = norm.weight.data.copy()
+    rng = np.random.default_rng(0)
+    batches = [(rng.normal(size=(4, 3, 5, 5)) * (k + 1) + k).astype(np.float32) for k in range(3)]
+    assert recalibrate_batch_norm(norm, iter(batches)) == 3
+    means = [b.mean(axis=(0, 2, 3), dtype=np.float64) for b in batches]
+    variances = [b.var(axis=(0, 2, 3), ddof=1, dtype=np.float64) for b in batches]  # unbiased, as training
+    np.testing.assert_allclose(norm.running_mean, np.mean(means, axis=0), rtol=1e-5)
+    np.testing.assert_allclose(norm.running_var, np.mean(variances, axis=0), rtol=1e-5)
+    assert norm.momentum == 0.1 and not norm.training  # restored, left for evaluation
+    np.testing.assert_array_equal(norm.weight.data, gamma)  # no parameter moved
+
+
+def test_finalize_recalibrates_the_batch_norms_of_an_ltp_run(ltp_run, tmp_path, capsys):
+    ckpt = ltp_run / "checkpoint.npz"
+    plain, recal = tmp_path / "plain.npz", tmp_path / "recal.npz"
+    assert run(capsys, "finalize", ckpt, "-o", plain)[0] == 0
+    code, out, err = run(capsys, "finalize", ckpt, "-o", recal, "--recalibrate-bn", "3")
+    assert code == 0, err
+    assert "batch norms recalibrated on 3 training batches" in out
+    a, b = load_checkpoint(plain), load_checkpoint(recal)
+    assert a.extra["finalized"]["recalibrated_bn_batches"] == 0
+    assert b.extra["finalized"]["recalibrated_bn_batches"] == 3
+    stats = [k for k in a.model_state if k.endswith(("running_mean", "running_var"))]
+    assert stats and any(not np.array_equal(a.model_state[k], b.model_state[k]) for k in stats)
+    for key, value in a.model_state.items():  # the weights are the same: only the statistics moved
+        if not key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            np.testing.assert_array_equal(b.model_state[key], value, err_msg=key)
+    # asked for more batches than one pass holds: one pass (1,438 images in batches of 64: 23)
+    code, out, err = run(capsys, "finalize", ckpt, "-o", tmp_path / "all.npz", "--recalibrate-bn", "1000")
+    assert code == 0 and "recalibrated on 23 training batches" in out, err
+    # the same batches every time: recalibration is deterministic
+    again = tmp_path / "again.npz"
+    assert run(capsys, "finalize", ckpt, "-o", again, "--recalibrate-bn", "3")[0] == 0
+    for key in stats:
+        np.testing.assert_array_equal(load_checkpoint(again).model_state[key], b.model_state[key])
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "1.5", "many"])
+def test_recalibrate_bn_needs_a_positive_count(ltp_run, tmp_path, capsys, value):
+    code, _, err = run(
+        capsys, "finalize", ltp_run / "checkpoint.npz", "-o", tmp_path / "x.npz", "--recalibrate-bn", value
+    )
+    one_line_error(code, err, "--recalibrate-bn", repr(value))
+    assert not (tmp_path / "x.npz").exists()
