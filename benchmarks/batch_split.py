@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from arguments import positive_int
 from environment import code_state, machine_info
 
 from reference.files import write_atomic
@@ -48,17 +49,11 @@ BLOCKS = (
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    def positive(text: str) -> int:
-        value = int(text)
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-        return value
-
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
-        "--threads", type=positive, default=2, help="BLAS threads for one call; parts for the split"
+        "--threads", type=positive_int, default=2, help="BLAS threads for one call; parts for the split"
     )
-    p.add_argument("--reps", type=positive, default=9, help="timed repetitions per median")
+    p.add_argument("--reps", type=positive_int, default=9, help="timed repetitions per median")
     p.add_argument("--out", type=Path, default=RESULTS)
     return p.parse_args(argv)
 

@@ -45,6 +45,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from arguments import name_list, positive_int
 from environment import code_state, machine_info
 
 from reference.files import write_atomic
@@ -63,21 +64,6 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    def positive(text: str) -> int:
-        value = int(text)
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-        return value
-
-    def names(allowed: tuple[str, ...]):
-        def parse(text: str) -> list[str]:
-            chosen = [t.strip() for t in text.split(",") if t.strip()]
-            if not chosen or any(t not in allowed for t in chosen):
-                raise argparse.ArgumentTypeError(f"expected some of {', '.join(allowed)}, got {text!r}")
-            return chosen
-
-        return parse
-
     def bandwidth(text: str) -> float:
         value = float(text)
         if not value > 0:
@@ -85,19 +71,19 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         return value
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--parts", type=names(PARTS), default=list(PARTS))
+    p.add_argument("--parts", type=name_list(PARTS), default=list(PARTS))
     p.add_argument(
-        "--workloads", type=names(tuple(WORKLOADS)), default=list(WORKLOADS), help="part 2's models"
+        "--workloads", type=name_list(tuple(WORKLOADS)), default=list(WORKLOADS), help="part 2's models"
     )
     p.add_argument(
-        "--cores", type=positive, default=os.cpu_count() or 1, help="cores to share among the ranks"
+        "--cores", type=positive_int, default=os.cpu_count() or 1, help="cores to share among the ranks"
     )
-    p.add_argument("--batch", type=positive, default=128, help="global batch of part 2")
-    p.add_argument("--steps", type=positive, default=8, help="steps per epoch in part 2")
+    p.add_argument("--batch", type=positive_int, default=128, help="global batch of part 2")
+    p.add_argument("--steps", type=positive_int, default=8, help="steps per epoch in part 2")
     p.add_argument(
-        "--epochs", type=positive, default=3, help="epochs per run in part 2 (the first is warm-up)"
+        "--epochs", type=positive_int, default=3, help="epochs per run in part 2 (the first is warm-up)"
     )
-    p.add_argument("--allreduce-runs", type=positive, default=7)
+    p.add_argument("--allreduce-runs", type=positive_int, default=7)
     p.add_argument(
         "--nvlink-gbs", type=bandwidth, default=360.0, help="intra-node bus bandwidth per GPU, GB/s"
     )
@@ -105,7 +91,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--latency-us", type=float, default=20.0, help="per all-reduce call, microseconds")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--allreduce-worker", metavar="MODEL", help=argparse.SUPPRESS)
-    p.add_argument("--worker-runs", type=positive, default=7, help=argparse.SUPPRESS)
+    p.add_argument("--worker-runs", type=positive_int, default=7, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 

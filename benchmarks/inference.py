@@ -65,6 +65,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from arguments import name_list, positive_int
 from environment import code_state, machine_info
 
 from reference.files import write_atomic  # standard library only: NumPy is imported after the threads are set
@@ -85,31 +86,17 @@ AGREE_RTOL = 1e-3  # engines vs ONNX Runtime on the batch-1 logits, relative to 
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    def names(allowed: tuple[str, ...]):
-        def parse(text: str) -> list[str]:
-            chosen = [t.strip() for t in text.split(",") if t.strip()]
-            bad = [t for t in chosen if t not in allowed]
-            if bad or not chosen:
-                raise argparse.ArgumentTypeError(f"expected some of {', '.join(allowed)}, got {text!r}")
-            return chosen
-
-        return parse
-
-    def positive(text: str) -> int:
-        value = int(text)
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-        return value
-
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", type=names(MODELS), default=list(MODELS))
-    p.add_argument("--variants", type=names(VARIANTS), default=list(VARIANTS))
-    p.add_argument("--engines", type=names(ENGINES), default=list(ENGINES))
-    p.add_argument("--runs", type=positive, default=5, help="timed runs per median (ONNX Runtime, PyTorch)")
-    p.add_argument("--numpy-runs", type=positive, default=3, help="timed runs per median (NumPy)")
-    p.add_argument("--batch", type=positive, default=32, help="the throughput batch")
-    p.add_argument("--threads", type=positive, default=len(os.sched_getaffinity(0)))
-    p.add_argument("--image", type=positive, default=224, help="input side")
+    p.add_argument("--models", type=name_list(MODELS), default=list(MODELS))
+    p.add_argument("--variants", type=name_list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--engines", type=name_list(ENGINES), default=list(ENGINES))
+    p.add_argument(
+        "--runs", type=positive_int, default=5, help="timed runs per median (ONNX Runtime, PyTorch)"
+    )
+    p.add_argument("--numpy-runs", type=positive_int, default=3, help="timed runs per median (NumPy)")
+    p.add_argument("--batch", type=positive_int, default=32, help="the throughput batch")
+    p.add_argument("--threads", type=positive_int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--image", type=positive_int, default=224, help="input side")
     p.add_argument("--csr", action=argparse.BooleanOptionalAction, default=True, help="the CSR row")
     p.add_argument("--densities", type=lambda t: [float(x) for x in t.split(",")], default=list(DENSITIES))
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "inference_cpu.json")
