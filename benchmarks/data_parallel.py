@@ -46,7 +46,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from arguments import name_list, positive_int
-from environment import code_state, machine_info
+from environment import code_state, machine_info, worker_environment
 
 from reference.files import write_atomic
 
@@ -60,7 +60,6 @@ WORKLOADS = {
     "resnet20": ["--model", "resnet20", "--image-size", "32"],
     "mobilenet_v1": ["--model", "mobilenet_v1", "--width", "0.25", "--image-size", "64"],
 }
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -154,10 +153,15 @@ def _mpiexec() -> str | None:
     return str(beside) if beside.exists() else shutil.which("mpiexec")
 
 
-def _train_run(workload: str, ranks: int, threads: int, sync_bn: bool, args: argparse.Namespace) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
-    env.update({v: str(threads) for v in THREAD_VARIABLES})
+def _environment(threads: int) -> dict[str, str]:
+    """A worker's environment (``threads`` per rank, no foreign OpenBLAS kernel), this checkout importable."""
+    env = worker_environment(threads)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def _train_run(workload: str, ranks: int, threads: int, sync_bn: bool, args: argparse.Namespace) -> dict:
+    env = _environment(threads)
     with tempfile.TemporaryDirectory(prefix="dp-bench-") as tmp:
         run_dir = Path(tmp) / "run"
         command = [
@@ -225,8 +229,7 @@ def allreduce_worker(model_name: str, runs: int) -> None:
 
 
 def _allreduce_run(model_name: str, args: argparse.Namespace) -> dict:
-    env = dict(os.environ, **{v: "1" for v in THREAD_VARIABLES})
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env = _environment(1)
     command = [
         _mpiexec(), "-n", "2", sys.executable, str(Path(__file__).resolve()),
         "--allreduce-worker", model_name, "--worker-runs", str(args.allreduce_runs),

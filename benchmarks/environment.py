@@ -1,4 +1,4 @@
-"""What every benchmark records about where it ran: the machine and the code measured."""
+"""What every benchmark records about where it ran (the machine, the code), and the environment its workers get."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+# Settings that pick OpenBLAS's kernel or its blocking for another CPU than this one: removed from
+# the workers' environment when inherited (and recorded as removed), so OpenBLAS chooses for the CPU
+# it runs on and the JSON's kernel (threadpoolctl's "architecture") is the one that ran.
+UNSET_IN_WORKERS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
 def _first_field(path: str, prefix: str) -> str | None:
@@ -61,3 +66,10 @@ def code_state() -> dict[str, Any]:
         if (REPO_ROOT / name).is_file()
     }
     return {"git_commit": commit, "uncommitted_in_reference_sha256_16": digests}
+
+
+def worker_environment(threads: int) -> dict[str, str]:
+    """This process's environment for a timed worker: the thread variables set, UNSET_IN_WORKERS removed."""
+    env = {name: value for name, value in os.environ.items() if name not in UNSET_IN_WORKERS}
+    env.update({name: str(threads) for name in THREAD_VARIABLES})
+    return env

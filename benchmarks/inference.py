@@ -66,13 +66,12 @@ from pathlib import Path
 from typing import Any
 
 from arguments import name_list, positive_int
-from environment import code_state, machine_info
+from environment import THREAD_VARIABLES, code_state, machine_info
 
 from reference.files import write_atomic  # standard library only: NumPy is imported after the threads are set
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 MODELS = ("resnet50", "mobilenet_v1")
 VARIANTS = ("dense", "str90", "str95", "scp")
 ENGINES = ("onnxruntime", "torch", "numpy")

@@ -56,19 +56,14 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from environment import code_state, machine_info
+from environment import THREAD_VARIABLES, UNSET_IN_WORKERS, code_state, machine_info, worker_environment
 
 from reference.files import write_atomic  # standard library only: NumPy is imported by the workers
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 # Inherited settings that change the speed of either framework; recorded in the JSON as found.
 ENVIRONMENT_PREFIXES = ("OPENBLAS_", "OMP_", "MKL_", "GOMP_", "KMP_", "MALLOC_", "DNNL_", "ONEDNN_", "ATEN_")
-# Settings that pick OpenBLAS's kernel or its blocking for another CPU than this one: removed from
-# the workers' environment when inherited (and recorded as removed), so OpenBLAS chooses for the CPU
-# it runs on and the JSON's kernel (threadpoolctl's "architecture") is the one that ran.
-UNSET_IN_WORKERS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 LR = 0.1
 MOMENTUM = 0.9
@@ -676,13 +671,6 @@ def _short_path(filename: str) -> str:
 WORKERS = {"check": _worker_check, "numpy": _worker_numpy, "torch": _worker_torch, "profile": _worker_profile}
 
 
-def _worker_environment(threads: int) -> dict[str, str]:
-    """This process's environment with the thread variables set and UNSET_IN_WORKERS removed."""
-    env = {name: value for name, value in os.environ.items() if name not in UNSET_IN_WORKERS}
-    env.update({name: str(threads) for name in THREAD_VARIABLES})
-    return env
-
-
 def _blas_kernels(report: dict[str, Any]) -> dict[str, Any]:
     """The BLAS each timed worker loaded, as threadpoolctl saw it: library, version, kernel, threads."""
     kernels: dict[str, Any] = {}
@@ -703,7 +691,7 @@ def _run_worker(kind: str, spec: dict[str, Any], workdir: Path, threads: int) ->
     tag = f"{spec['workload']['model']}_{kind}"
     spec_path, result_path = workdir / f"{tag}_spec.json", workdir / f"{tag}_result.json"
     spec_path.write_text(json.dumps(spec))
-    env = _worker_environment(threads)
+    env = worker_environment(threads)
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", kind,
                "--spec", str(spec_path), "--result", str(result_path)]  # fmt: skip
     start = time.perf_counter()

@@ -40,19 +40,20 @@ trained and finalized checkpoints alike, without loading the data set.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from reference.autodiff import as_array, no_grad
+from reference.autodiff import Tensor, as_array, no_grad
 from reference.build import build_data, build_model_and_method
 from reference.checkpoint import Checkpoint, check_finite, first_non_finite, load_checkpoint, save_checkpoint
 from reference.config import TrainConfig
 from reference.errors import CheckpointError, ConfigError
 from reference.files import refuse_overwriting_inputs
-from reference.nn import Module, weight_layers
+from reference.nn import BatchNorm2d, Module, weight_layers
 
 __all__ = [
     "FINALIZED_KEY",
@@ -82,9 +83,8 @@ class FinalizeSummary:
     nonzeros: int  # of them nonzero
     slimmed: bool  # channels were physically removed (SCP)
     slim: Any = None  # what slimming.slim reported
-    recalibrated_bn_batches: int = (
-        0  # training batches the batch norms were recalibrated on (finalize_checkpoint)
-    )
+    # training batches the batch norms were recalibrated on (finalize_checkpoint)
+    recalibrated_bn_batches: int = 0
 
     @property
     def sparsity(self) -> float:
@@ -182,9 +182,9 @@ def _dataset_shapes(config: TrainConfig) -> tuple[tuple[int, int, int], int] | N
 
         classes = config.num_classes if config.num_classes is not None else count_classes(config.data_root)
         return (3, size, size), classes
-    if config.dataset in ("digits", "digits32", "synthetic", "cifar10"):
-        from reference.data import dataset_image_shape
+    from reference.data import DATASET_NAMES, dataset_image_shape
 
+    if config.dataset in DATASET_NAMES:  # the in-memory data sets: 10 classes, a known image shape
         return dataset_image_shape(config.dataset, size), 10
     return None
 
@@ -312,9 +312,6 @@ def recalibrate_batch_norm(model: Module, batches) -> int:
     the model is left in evaluation mode. Call it on a plain (finalized) model,
     so that training mode means only "batch statistics".
     """
-    from reference.autodiff import Tensor
-    from reference.nn.layers import BatchNorm2d
-
     norms = [m for m in model.modules() if isinstance(m, BatchNorm2d)]
     momenta = [m.momentum for m in norms]
     count = 0
@@ -338,10 +335,8 @@ def _recalibration_batches(restored, batches: int, data_root: str | None):
     config = restored.config
     data = build_data(config, data_root=data_root)
     rng = np.random.default_rng([config.seed, 1 << 21])  # its own stream: not the training order
-    for k, (x, _) in enumerate(data.train_batches(config.batch_size, rng, augment=False)):
-        if k == batches:
-            return
-        yield x
+    pairs = data.train_batches(config.batch_size, rng, augment=False)
+    return (x for x, _ in itertools.islice(pairs, batches))
 
 
 def finalize_checkpoint(
@@ -375,11 +370,10 @@ def finalize_checkpoint(
         refuse_overwriting_inputs(dst, [src], "finalize")
     restored = load_model_from_checkpoint(check_finite(load_checkpoint(src)))  # the file actually read
     summary = finalize(restored.model)
-    recalibrated = 0
     if recalibrate_bn:
         batches = _recalibration_batches(restored, recalibrate_bn, data_root)
-        recalibrated = recalibrate_batch_norm(restored.model, batches)
-        summary = dataclasses.replace(summary, recalibrated_bn_batches=recalibrated)
+        count = recalibrate_batch_norm(restored.model, batches)
+        summary = dataclasses.replace(summary, recalibrated_bn_batches=count)
         bad = first_non_finite(restored.model.state_dict().items())
         if bad is not None:
             raise CheckpointError(
@@ -397,7 +391,7 @@ def finalize_checkpoint(
         "nonzeros": summary.nonzeros,
         "trail_sparsity": trail_sparsity,
         "slim": _plain(summary.slim),
-        "recalibrated_bn_batches": recalibrated,
+        "recalibrated_bn_batches": summary.recalibrated_bn_batches,
     }
     path = save_checkpoint(
         dst,

@@ -34,7 +34,7 @@ def _call(code: str, **env_extra: str) -> dict:
 
 def test_workers_do_not_inherit_a_foreign_openblas_kernel_or_cache_size():
     got = _call(
-        "env = st._worker_environment(3)\n"
+        "env = st.worker_environment(3)\n"
         "print(json.dumps({k: env.get(k) for k in ('OPENBLAS_CORETYPE', 'OPENBLAS_L2_SIZE', "
         "'OPENBLAS_VERBOSE', 'OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS')}))",
         OPENBLAS_CORETYPE="Haswell",
