@@ -100,7 +100,7 @@ def _onnx() -> Any:
         import onnx
     except ImportError:
         raise ConfigError(
-            "ONNX export needs the onnx package: pip install onnx (or the project's 'test' extra)"
+            "ONNX export needs the onnx package: pip install onnx (the project's 'onnx' extra)"
         ) from None
     return onnx
 
