@@ -33,6 +33,10 @@ cites the equation it implements):
 - :mod:`.loss`: softmax cross-entropy with label smoothing
 - :mod:`.sparsity`: STR soft threshold, LTP soft mask and differentiable L0,
   SCP channel mask
+
+Convolution, batch norm and ReLU run on parts of the batch side by side, one
+thread per core (:mod:`.parallel`: how the batch is cut, and why the answer
+does not depend on the thread count).
 """
 
 from __future__ import annotations

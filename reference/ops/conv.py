@@ -104,6 +104,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 from reference.caches import Conv2dCache, grad_flags
 from reference.contracts import conv2d_geometry
 
+from .parallel import batch_parts, run_parts
+
 __all__ = ["conv2d_forward", "conv2d_backward"]
 
 
@@ -162,35 +164,50 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0, groups: int = 1, needs_inp
     need_x, need_w, need_b = grad_flags("conv2d", needs_input_grad, 3)
     stride, padding, out_hw = conv2d_geometry(x, w, b, stride, padding, groups)
     path = _path(x.shape, w.shape, stride, padding, groups, out_hw)
-    if path == "pointwise":
-        y = _forward_pointwise(x, w, stride, padding, out_hw)
-    elif path == "depthwise-cl":
-        y = _forward_depthwise_cl(x, w, stride, padding, out_hw)
-    elif path == "depthwise":
-        y = _forward_depthwise(x, w, stride, padding, out_hw)
-    elif path == "shift":
-        y = _forward_shift(x, w, padding, out_hw)
-    else:
-        y = _forward_general(x, w, stride, padding, groups, out_hw)
-    if b is not None:
-        y += b.reshape(1, w.shape[0], 1, 1)  # (1)
+    forward = _FORWARD[path]
+    y = np.empty((x.shape[0], w.shape[0], *out_hw), dtype=x.dtype)
+
+    def part(rows: slice) -> None:
+        y[rows] = forward(x[rows], w, stride, padding, groups, out_hw)
+        if b is not None:
+            y[rows] += b.reshape(1, w.shape[0], 1, 1)  # (1)
+
+    run_parts(part, batch_parts(x.shape[0]))
     cache = Conv2dCache.keep(path, x, w, b is not None, stride, padding, groups, (need_x, need_w, need_b))
     return y, cache
 
 
 def conv2d_backward(dy, cache: Conv2dCache):
-    """``(dx, dw, db)`` for :func:`conv2d_forward`; each None where it was not wanted (or no bias)."""
+    """``(dx, dw, db)`` for :func:`conv2d_forward`; each None where it was not wanted (or no bias).
+
+    Run on parts of the batch (:mod:`.parallel`): each part's ``dx`` rows are
+    written in place, and its ``dw`` (4) and ``db`` (3) are sums over its own
+    samples, added in the parts' order.
+    """
     need_x, need_w, need_b = cache.needs
-    db = dy.sum(axis=(0, 2, 3)) if need_b else None  # (3)
-    backward = {
-        "pointwise": _backward_pointwise,
-        "depthwise": _backward_depthwise,
-        "depthwise-cl": _backward_depthwise_cl,
-        "shift": _backward_shift,
-        "general": _backward_general,
-    }[cache.path]
-    dx, dw = backward(dy, cache)
+    backward = _BACKWARD[cache.path]
+    dx = np.empty(cache.x_shape, dtype=dy.dtype) if need_x else None
+
+    def part(rows: slice):
+        x_rows = None if cache.x is None else cache.x[rows]
+        own = cache._replace(x=x_rows, x_shape=(rows.stop - rows.start, *cache.x_shape[1:]))
+        dx_rows, dw_part = backward(dy[rows], own)
+        if need_x:
+            dx[rows] = dx_rows
+        return dw_part, dy[rows].sum(axis=(0, 2, 3)) if need_b else None  # (3)
+
+    sums = run_parts(part, batch_parts(dy.shape[0]))
+    dw = _total([dw_part for dw_part, _ in sums]) if need_w else None  # (4)
+    db = _total([db_part for _, db_part in sums]) if need_b else None  # (3)
     return dx, dw, db
+
+
+def _total(parts: list[np.ndarray]) -> np.ndarray:
+    """The parts' sum, added left to right (the same order whatever the thread count)."""
+    total = parts[0]
+    for term in parts[1:]:
+        total = total + term
+    return total
 
 
 # ---------------------------------------------------------------- general path
@@ -293,7 +310,7 @@ def _flat_columns(src, offsets, t0, width, buffer):
     return cols
 
 
-def _forward_shift(x, w, padding, out_hw):
+def _forward_shift(x, w, stride, padding, groups, out_hw):
     n, c = x.shape[:2]
     n_out, _, kh, kw = w.shape
     (ph, pw), (ho, wo) = padding, out_hw
@@ -333,14 +350,16 @@ def _backward_shift(dy, cache: Conv2dCache):
     dy_f[:, lead:].reshape(n_out, n, hp, wp)[:, :, :ho, :wo] = dy.transpose(1, 0, 2, 3)
     dx = dw = None
     if need_w:
-        # (C, N, Hp, Wp) -> (C, T): xf of (9), rebuilt from x
-        xf = _channel_major(cache.x, ph, pw).reshape(c, -1)
+        # (N, Hp, Wp, C) -> (T, C): xf of (9) transposed, rebuilt from x (channels-last, one copy)
+        xt = _channels_last(cache.x, ph, pw).reshape(-1, c)
         dyf_valid = dy_f[:, lead : lead + span]  # (O, span): every t that can hold a valid output
         dw = np.empty((n_out, c, kh * kw), dtype=dy.dtype)
         for k, offset in enumerate(offsets):
-            # (O, span) times (C, span) shifted by s_pq, transposed: a strided view, no columns gathered
-            dw[:, :, k] = dyf_valid @ xf[:, offset : offset + span].T  # (10)
-        del xf
+            # (O, span) times the rows s_pq .. s_pq + span of (T, C): a contiguous slice, no columns gathered.
+            # np.dot, not matmul: NumPy's matmul keeps the interpreter lock for this shape (two threads
+            # ran it no faster than one, benchmarks/README.md), np.dot releases it.
+            dw[:, :, k] = np.dot(dyf_valid, xt[offset : offset + span])  # (10)
+        del xt
         # (O, C, kh*kw) -> (O, C, kh, kw)
         dw = dw.reshape(cache.w_shape)
     if need_x:
@@ -370,7 +389,7 @@ def _dx_shift(dy_f, w, x_shape, padding, offsets, buffer):
 
 
 # -------------------------------------------------------------- pointwise path
-def _forward_pointwise(x, w, stride, padding, out_hw):
+def _forward_pointwise(x, w, stride, padding, groups, out_hw):
     n, c = x.shape[:2]
     n_out = w.shape[0]
     ho, wo = out_hw
@@ -417,7 +436,7 @@ def _backward_pointwise(dy, cache: Conv2dCache):
 
 
 # -------------------------------------------------------------- depthwise path
-def _forward_depthwise(x, w, stride, padding, out_hw):
+def _forward_depthwise(x, w, stride, padding, groups, out_hw):
     n, c = x.shape[:2]
     n_out, _, kh, kw = w.shape
     (sh, sw), (ph, pw), (ho, wo) = stride, padding, out_hw
@@ -468,7 +487,7 @@ def _backward_depthwise(dy, cache: Conv2dCache):
 
 
 # ------------------------------------------------ depthwise path, channels-last
-def _forward_depthwise_cl(x, w, stride, padding, out_hw):
+def _forward_depthwise_cl(x, w, stride, padding, groups, out_hw):
     n, c = x.shape[:2]
     n_out, _, kh, kw = w.shape
     (sh, sw), (ho, wo) = stride, out_hw
@@ -527,3 +546,20 @@ def _backward_depthwise_cl(dy, cache: Conv2dCache):
         # (N, Hp, Wp, C) -> (N, H, W, C) -> (N, C, H, W)
         dx = np.ascontiguousarray(dxl[:, ph : ph + h, pw : pw + wd].transpose(0, 3, 1, 2))  # (8)
     return dx, dw
+
+
+# the algorithm for each path (chosen by :func:`_path`); one signature per direction
+_FORWARD = {
+    "pointwise": _forward_pointwise,
+    "depthwise": _forward_depthwise,
+    "depthwise-cl": _forward_depthwise_cl,
+    "shift": _forward_shift,
+    "general": _forward_general,
+}
+_BACKWARD = {
+    "pointwise": _backward_pointwise,
+    "depthwise": _backward_depthwise,
+    "depthwise-cl": _backward_depthwise_cl,
+    "shift": _backward_shift,
+    "general": _backward_general,
+}

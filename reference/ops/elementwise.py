@@ -43,6 +43,8 @@ import numpy as np
 
 from reference.caches import AbsCache, BinaryCache, ReduceCache, ReluCache, grad_flags
 
+from .parallel import batch_parts, run_parts
+
 __all__ = [
     "unbroadcast",
     "add_forward",
@@ -140,14 +142,28 @@ def div_backward(dy, cache: BinaryCache):
 
 
 def relu_forward(x, needs_input_grad=None):
-    """``max(x, 0)`` (6); the cache is the output itself: ``[y > 0] = [x > 0]``."""
+    """``max(x, 0)`` (6); the cache is the output itself: ``[y > 0] = [x > 0]``.
+
+    Run on parts of the batch (:mod:`.parallel`), as is its backward.
+    """
     grad_flags("relu", needs_input_grad, 1)
-    y = np.maximum(x, 0)  # (6): one pass, where x * (x > 0) takes two and a mask; NaN stays NaN
+    y = np.empty_like(x)
+    # (6): one pass, where x * (x > 0) takes two and a mask; NaN stays NaN
+    run_parts(lambda rows: np.maximum(x[rows], 0, out=y[rows]), _rows_of(x))
     return y, ReluCache(y)
 
 
 def relu_backward(dy, cache: ReluCache):
-    return (dy * (cache.y > 0),)  # (6), 0 at the kink x == 0 (y == 0)
+    if dy.shape != cache.y.shape:
+        return (dy * (cache.y > 0),)  # (6), broadcast
+    dx = np.empty_like(dy)
+    run_parts(lambda rows: np.multiply(dy[rows], cache.y[rows] > 0, out=dx[rows]), _rows_of(dx))  # (6)
+    return (dx,)  # 0 at the kink x == 0 (y == 0)
+
+
+def _rows_of(x) -> list:
+    """The batch parts of an array with a batch axis; the whole (``...``) of a 0-d one."""
+    return batch_parts(x.shape[0]) if x.ndim else [...]
 
 
 def _reduce_cache(x, axis, keepdims) -> ReduceCache:

@@ -73,6 +73,8 @@ from reference.caches import BatchNormCache, grad_flags
 from reference.contracts import batch_norm_channels
 from reference.errors import ShapeError
 
+from .parallel import batch_parts, run_parts
+
 __all__ = ["batch_norm_forward", "batch_norm_backward"]
 
 _ACC = np.float64  # accumulator dtype for the per-channel sums
@@ -117,6 +119,16 @@ def _channel_dot(u: np.ndarray, v: np.ndarray, axes: tuple[int, ...]) -> np.ndar
     return per_row.sum(axis=0, dtype=_ACC)  # (N, C) -> (C,)
 
 
+def _added(parts: list) -> np.ndarray | None:
+    """Per-part float64 sums added left to right (the parts' order, whatever the thread count)."""
+    if parts[0] is None:
+        return None
+    total = parts[0]
+    for term in parts[1:]:
+        total = total + term
+    return total
+
+
 def batch_norm_forward(
     x: np.ndarray,
     gamma: np.ndarray | None,
@@ -131,6 +143,8 @@ def batch_norm_forward(
 
     The cache keeps ``xhat`` (4) only when a gradient reads it: ``dgamma`` (7),
     or ``dx`` in training (10); evaluation's ``dx`` (9) and ``dbeta`` (6) do not.
+    Each pass runs on parts of the batch (:mod:`.parallel`); a per-channel sum
+    is the sum of the parts' float64 sums.
     """
     need_x, need_gamma, need_beta = grad_flags("batch_norm", needs_input_grad, 5)[:3]
     channels = batch_norm_channels(x, gamma, beta, running_mean, running_var, training)
@@ -138,57 +152,86 @@ def batch_norm_forward(
     dtype = x.dtype
     axes = _channel_axes(x.ndim)
     count = x.size // channels if channels else 0
+    parts = batch_parts(x.shape[0])
+    xhat = np.empty_like(x)  # x - mu, scaled to xhat in place below
     if training:
         if count < 1:
             raise ShapeError(
                 f"batch_norm in training mode needs at least one entry per channel, got {tuple(x.shape)}"
             )
-        mean = (_channel_sum(x, axes) / count).astype(dtype)  # (1)
-        xhat = x - _per_channel(mean, x.ndim)  # x - mu, scaled to xhat below
-        var64 = _channel_dot(xhat, xhat, axes) / count  # (2), second pass
+        mean = (_added(run_parts(lambda rows: _channel_sum(x[rows], axes), parts)) / count).astype(dtype)  # (1)
+
+        def centre(rows: slice) -> np.ndarray:
+            np.subtract(x[rows], _per_channel(mean, x.ndim), out=xhat[rows])
+            return _channel_dot(xhat[rows], xhat[rows], axes)  # (2), second pass
+
+        var64 = _added(run_parts(centre, parts)) / count  # (2)
         var = var64.astype(dtype)
         inv_std = (1.0 / np.sqrt(var64 + eps)).astype(dtype)  # (3)
     else:
         mean = np.asarray(running_mean).astype(dtype)
         var = np.asarray(running_var).astype(dtype)
-        xhat = x - _per_channel(mean, x.ndim)
         inv_std = (1.0 / np.sqrt(np.asarray(running_var, dtype=_ACC) + eps)).astype(dtype)  # (3)
-    xhat *= _per_channel(inv_std, x.ndim)  # (4), in place: full-size temporaries are the cost here
 
     y = np.empty_like(xhat)
-    if gamma is not None:
-        np.multiply(xhat, _per_channel(gamma.astype(dtype, copy=False), x.ndim), out=y)  # (5)
-    else:
-        y[...] = xhat
-    if beta is not None:
-        y += _per_channel(beta.astype(dtype, copy=False), x.ndim)  # (5)
+    scale = None if gamma is None else _per_channel(gamma.astype(dtype, copy=False), x.ndim)
+    shift = None if beta is None else _per_channel(beta.astype(dtype, copy=False), x.ndim)
+
+    def normalise(rows: slice) -> None:
+        if not training:
+            np.subtract(x[rows], _per_channel(mean, x.ndim), out=xhat[rows])
+        xhat[rows] *= _per_channel(inv_std, x.ndim)  # (4), in place: full-size temporaries are the cost here
+        if scale is not None:
+            np.multiply(xhat[rows], scale, out=y[rows])  # (5)
+        else:
+            y[rows] = xhat[rows]
+        if shift is not None:
+            y[rows] += shift  # (5)
+
+    run_parts(normalise, parts)
     needs = (need_x, need_gamma, need_beta)
     cache = BatchNormCache.keep(xhat, inv_std, gamma, beta, mean, var, training, count, dtype, x.ndim, needs)
     return y, cache
 
 
 def batch_norm_backward(dy: np.ndarray, cache: BatchNormCache):
+    """``(dx, dgamma, dbeta, None, None)``: (6), (7), and (9) or (10), on parts of the batch."""
     xhat, inv_std, gamma, _, _, training, count, x_dtype, gamma_dtype, beta_dtype, ndim = cache
     dtype = dy.dtype
     axes = _channel_axes(ndim)
+    parts = batch_parts(dy.shape[0])
 
     need_dbeta = beta_dtype is not None or (training and x_dtype is not None)  # (10) reads dbeta
-    dbeta64 = _channel_sum(dy, axes) if need_dbeta else None  # (6)
-    dgamma64 = None if xhat is None else _channel_dot(dy, xhat, axes)  # (7)
+
+    def sums(rows: slice):
+        dbeta_part = _channel_sum(dy[rows], axes) if need_dbeta else None  # (6)
+        dgamma_part = None if xhat is None else _channel_dot(dy[rows], xhat[rows], axes)  # (7)
+        return dbeta_part, dgamma_part
+
+    partial = run_parts(sums, parts) if need_dbeta or xhat is not None else [(None, None)]
+    dbeta64 = _added([b for b, _ in partial])
+    dgamma64 = _added([g for _, g in partial])
     dx = None
     if x_dtype is not None:
-        scale = inv_std if gamma is None else gamma.astype(dtype, copy=False) * inv_std  # gamma s, (8)
+        scale = _per_channel(inv_std if gamma is None else gamma.astype(dtype, copy=False) * inv_std, ndim)  # (8)
+        dx = np.empty(dy.shape, dtype=x_dtype)
         if training:
             dy_mean = _per_channel((dbeta64 / count).astype(dtype), ndim)
             dyxhat_mean = _per_channel((dgamma64 / count).astype(dtype), ndim)
-            # (10), evaluated in place in one full-size buffer
-            dx = np.multiply(xhat, dyxhat_mean)
-            np.subtract(dy, dx, out=dx)
-            dx -= dy_mean
-            dx *= _per_channel(scale, ndim)
+
+            def input_gradient(rows: slice) -> None:
+                # (10), evaluated in place in the rows of dx
+                out = dx[rows]
+                np.multiply(xhat[rows], dyxhat_mean, out=out)
+                np.subtract(dy[rows], out, out=out)
+                out -= dy_mean
+                out *= scale
         else:
-            dx = dy * _per_channel(scale, ndim)  # (9)
-        dx = dx.astype(x_dtype, copy=False)
+
+            def input_gradient(rows: slice) -> None:
+                np.multiply(dy[rows], scale, out=dx[rows])  # (9)
+
+        run_parts(input_gradient, parts)
 
     dgamma = None if gamma_dtype is None else dgamma64.astype(gamma_dtype)
     dbeta = None if beta_dtype is None else dbeta64.astype(beta_dtype)

@@ -1,0 +1,151 @@
+"""One op's work cut along the batch axis and run on several cores at once.
+
+A training step's large kernels (convolution, batch norm, ReLU) treat the ``N``
+samples of a batch alike, so each can run on parts of the batch side by side:
+the parts' outputs are rows of the output, and a gradient summed over the
+batch (a weight's, a per-channel statistic) is the sum of the parts' sums.
+On a small CPU this beats leaving the threading to BLAS: OpenBLAS's threads
+speed the small GEMMs of these networks up little and everything between the
+GEMMs (padding, gathers, batch norm, ReLU, the depthwise loops) runs on one
+core, while NumPy releases the interpreter lock inside all of them, so Python
+threads on separate parts keep every core busy. Inside a parallel region BLAS
+is held to one thread (each part's GEMM runs on the thread that calls it).
+
+Two rules keep the arithmetic the reader sees unchanged:
+
+- **The cut depends on the batch size alone** (:func:`batch_parts`), never
+  on the number of threads: the same parts are computed, and their partial
+  sums added in the same order, on one thread or eight, so the results are the
+  same bits whatever ``LEARNSPARSE_THREADS`` says.
+- **A part is computed by the same code as a whole batch**: the kernels call
+  their one-batch functions on each part; nothing here knows any equation.
+
+Threads: ``LEARNSPARSE_THREADS`` if set (a positive integer), else
+``OMP_NUM_THREADS`` if set (so ``OMP_NUM_THREADS=1 mpiexec -n 2 ...`` runs
+each rank on one thread), else the cores this process may run on. With one
+thread the parts run in turn on the calling thread and BLAS is left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from reference.errors import ConfigError
+
+__all__ = ["batch_parts", "threads", "run_parts"]
+
+T = TypeVar("T")
+
+MIN_ROWS = 16  # no part smaller than this many samples: below it a part's GEMMs get too thin to pay
+MAX_PARTS = 4  # at most this many parts; batch 128 -> four parts of 32
+
+_local = threading.local()  # .inside: this thread is running a part (a nested call runs in turn)
+_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_blas = None  # threadpoolctl's controller, found on first use
+
+
+def batch_parts(n: int) -> list[slice]:
+    """The rows ``0 .. n`` cut into equal parts (sizes differ by at most one), in order.
+
+    ``min(MAX_PARTS, n // MIN_ROWS)`` parts, at least one: a function of ``n`` only.
+    """
+    count = max(1, min(MAX_PARTS, n // MIN_ROWS))
+    bounds = [n * i // count for i in range(count + 1)]
+    return [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+
+
+def threads() -> int:
+    """How many threads a parallel region may use (see the module docstring for the order)."""
+    for variable in ("LEARNSPARSE_THREADS", "OMP_NUM_THREADS"):
+        text = os.environ.get(variable, "").strip()
+        if not text:
+            continue
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ConfigError(f"{variable}={text!r}: expected a positive integer (threads per process)")
+        return value
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _executor(size: int) -> ThreadPoolExecutor:
+    """The shared pool of ``size`` workers (rebuilt when the thread count changed)."""
+    global _pool, _pool_size
+    with _lock:
+        if _pool is None or _pool_size != size:
+            if _pool is not None:
+                _pool.shutdown(wait=True)
+            _pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="learnsparse-part")
+            _pool_size = size
+        return _pool
+
+
+def _forget_pool_in_child() -> None:
+    """A forked child has none of its parent's threads: it builds its own pool on first use."""
+    global _pool, _pool_size, _lock
+    _pool, _pool_size, _lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
+def _one_blas_thread():
+    """A context holding every loaded BLAS to one thread (threadpoolctl; found once)."""
+    global _blas
+    if _blas is None:
+        from threadpoolctl import ThreadpoolController
+
+        _blas = ThreadpoolController()
+    return _blas.limit(limits=1, user_api="blas")
+
+
+def _lane(fn: Callable[[Any], T], items: Sequence[Any], lane: int, step: int, results: list) -> None:
+    """Items ``lane, lane + step, ...`` in turn, each result into its slot (an exception too)."""
+    _local.inside = True
+    try:
+        for i in range(lane, len(items), step):
+            try:
+                results[i] = (True, fn(items[i]))
+            except BaseException as error:  # noqa: BLE001 - re-raised by run_parts, once every lane ends
+                results[i] = (False, error)
+                return
+    finally:
+        _local.inside = False
+
+
+def run_parts(fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
+    """``[fn(item) for item in items]``, the items side by side on up to :func:`threads` threads.
+
+    Thread ``k`` of ``s`` takes items ``k, k + s, ...`` (the parts are equal, so
+    the lanes are too); the calling thread is lane 0. Results come back in the
+    items' order. An exception in any item is raised here after every lane has
+    stopped (no part is left running). A call from inside a part runs its items in turn.
+    """
+    size = min(len(items), threads())
+    if size <= 1 or getattr(_local, "inside", False):
+        return [fn(item) for item in items]
+    results: list = [None] * len(items)
+    with _one_blas_thread():
+        pool = _executor(size - 1)
+        lanes = [pool.submit(_lane, fn, items, lane, size, results) for lane in range(1, size)]
+        try:
+            _lane(fn, items, 0, size, results)
+        finally:
+            for lane in lanes:
+                lane.result()
+    for ok, value in (r for r in results if r is not None):
+        if not ok:
+            raise value
+    return [value for _, value in results]
