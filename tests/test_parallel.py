@@ -122,7 +122,8 @@ def test_blas_threads_are_restored_after_a_region(monkeypatch):
     monkeypatch.setenv("LEARNSPARSE_THREADS", "2")
     before = [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
     inside = parallel.run_parts(
-        lambda _: [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"], [0, 1]
+        lambda _: [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"],
+        [0, 1],
     )
     after = [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
     assert after == before
@@ -220,7 +221,9 @@ def test_a_forked_child_runs_parts_on_threads_of_its_own(monkeypatch):
     pid = os.fork()
     if pid == 0:  # the child: exit 0 only if a region finishes
         done = threading.Event()
-        threading.Thread(target=lambda: (parallel.run_parts(lambda i: i, [0, 1, 2]), done.set()), daemon=True).start()
+        threading.Thread(
+            target=lambda: (parallel.run_parts(lambda i: i, [0, 1, 2]), done.set()), daemon=True
+        ).start()
         os._exit(0 if done.wait(20) else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0

@@ -159,7 +159,8 @@ def batch_norm_forward(
             raise ShapeError(
                 f"batch_norm in training mode needs at least one entry per channel, got {tuple(x.shape)}"
             )
-        mean = (_added(run_parts(lambda rows: _channel_sum(x[rows], axes), parts)) / count).astype(dtype)  # (1)
+        total = _added(run_parts(lambda rows: _channel_sum(x[rows], axes), parts))
+        mean = (total / count).astype(dtype)  # (1)
 
         def centre(rows: slice) -> np.ndarray:
             np.subtract(x[rows], _per_channel(mean, x.ndim), out=xhat[rows])
@@ -213,7 +214,8 @@ def batch_norm_backward(dy: np.ndarray, cache: BatchNormCache):
     dgamma64 = _added([g for _, g in partial])
     dx = None
     if x_dtype is not None:
-        scale = _per_channel(inv_std if gamma is None else gamma.astype(dtype, copy=False) * inv_std, ndim)  # (8)
+        scale = inv_std if gamma is None else gamma.astype(dtype, copy=False) * inv_std  # gamma s, (8)
+        scale = _per_channel(scale, ndim)
         dx = np.empty(dy.shape, dtype=x_dtype)
         if training:
             dy_mean = _per_channel((dbeta64 / count).astype(dtype), ndim)
