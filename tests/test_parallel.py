@@ -9,6 +9,7 @@ whole-batch ones at the sizes where the cut happens by itself.
 from __future__ import annotations
 
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -227,3 +228,15 @@ def test_a_forked_child_runs_parts_on_threads_of_its_own(monkeypatch):
         os._exit(0 if done.wait(20) else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_the_callers_errstate_holds_in_every_part(monkeypatch):
+    """NumPy's errstate is per context: a part on another thread must see the caller's."""
+    monkeypatch.setenv("LEARNSPARSE_THREADS", "2")
+    big = np.full(4, 3e38, dtype=np.float32)
+    with np.errstate(over="raise"):
+        with pytest.raises(FloatingPointError):
+            parallel.run_parts(lambda i: big * np.float32(0.5 + i), [0, 1])  # the second part overflows on lane 1
+    with np.errstate(over="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parallel.run_parts(lambda i: big * np.float32(0.5 + i), [0, 1])  # silent in every lane

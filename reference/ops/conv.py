@@ -133,6 +133,14 @@ def _im2col(xp: np.ndarray, kh: int, kw: int, sh: int, sw: int) -> np.ndarray:
     return np.ascontiguousarray(_windows(xp, kh, kw, sh, sw).transpose(0, 1, 4, 5, 2, 3))
 
 
+def _output(out: np.ndarray | None, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """``out`` (the caller's rows of the output, written in place), or a new array when None."""
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    assert out.shape == shape and out.flags.c_contiguous, "the paths write into views of a contiguous out"
+    return out
+
+
 def _offset(p: int, s: int, n: int) -> slice:
     """Indices ``p, p + s, ..., p + s (n - 1)``: where offset ``p`` of a window lands
     for each of ``n`` outputs at stride ``s`` along one axis."""
@@ -168,7 +176,7 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0, groups: int = 1, needs_inp
     y = np.empty((x.shape[0], w.shape[0], *out_hw), dtype=x.dtype)
 
     def part(rows: slice) -> None:
-        y[rows] = forward(x[rows], w, stride, padding, groups, out_hw)
+        forward(x[rows], w, stride, padding, groups, out_hw, out=y[rows])
         if b is not None:
             y[rows] += b.reshape(1, w.shape[0], 1, 1)  # (1)
 
@@ -186,7 +194,7 @@ def conv2d_backward(dy, cache: Conv2dCache):
     """
     need_x, need_w, need_b = cache.needs
     backward = _BACKWARD[cache.path]
-    dx = np.empty(cache.x_shape, dtype=dy.dtype) if need_x else None
+    dx = np.empty(cache.x_shape, dtype=dy.dtype) if need_x else None  # every path's dx is copied in once
 
     def part(rows: slice):
         x_rows = None if cache.x is None else cache.x[rows]
@@ -211,7 +219,7 @@ def _total(parts: list[np.ndarray]) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- general path
-def _forward_general(x, w, stride, padding, groups, out_hw):
+def _forward_general(x, w, stride, padding, groups, out_hw, out=None):
     n = x.shape[0]
     n_out, _, kh, kw = w.shape
     (sh, sw), (ph, pw), (ho, wo) = stride, padding, out_hw
@@ -220,9 +228,10 @@ def _forward_general(x, w, stride, padding, groups, out_hw):
     cols_g = cols.reshape(n, groups, -1, ho * wo)
     # (O, Cg, kh, kw) -> (G, Og, Cg*kh*kw)
     w_g = w.reshape(groups, n_out // groups, -1)
-    y = np.matmul(w_g, cols_g)  # (2)
-    # (N, G, Og, Ho*Wo) -> (N, O, Ho, Wo)
-    return y.reshape(n, n_out, ho, wo)
+    out = _output(out, (n, n_out, ho, wo), x.dtype)
+    # (N, O, Ho, Wo) -> (N, G, Og, Ho*Wo), a view the product is written into
+    np.matmul(w_g, cols_g, out=out.reshape(n, groups, n_out // groups, ho * wo))  # (2)
+    return out
 
 
 def _backward_general(dy, cache: Conv2dCache):
@@ -310,7 +319,7 @@ def _flat_columns(src, offsets, t0, width, buffer):
     return cols
 
 
-def _forward_shift(x, w, stride, padding, groups, out_hw):
+def _forward_shift(x, w, stride, padding, groups, out_hw, out=None):
     n, c = x.shape[:2]
     n_out, _, kh, kw = w.shape
     (ph, pw), (ho, wo) = padding, out_hw
@@ -329,8 +338,10 @@ def _forward_shift(x, w, stride, padding, groups, out_hw):
         cols = _flat_columns(xf, offsets, t0, width, buffer)  # (9)
         # (C, kh*kw, width) -> (C*kh*kw, width)
         np.matmul(w_m, cols.reshape(-1, width), out=y[:, t0 : t0 + width])  # (9)
+    out = _output(out, (n, n_out, ho, wo), x.dtype)
     # (O, T) -> (O, N, Hp, Wp) -> cropped (O, N, Ho, Wo) -> (N, O, Ho, Wo)
-    return np.ascontiguousarray(y.reshape(n_out, n, hp, wp)[:, :, :ho, :wo].transpose(1, 0, 2, 3))
+    np.copyto(out, y.reshape(n_out, n, hp, wp)[:, :, :ho, :wo].transpose(1, 0, 2, 3))
+    return out
 
 
 def _backward_shift(dy, cache: Conv2dCache):
@@ -385,19 +396,20 @@ def _dx_shift(dy_f, w, x_shape, padding, offsets, buffer):
         np.matmul(w_t, cols.reshape(-1, width), out=dx[:, t0 : t0 + width])  # (11)
     # (C, T) -> (C, N, Hp, Wp) -> (C, N, H, W) -> (N, C, H, W)
     dx = dx.reshape(c, n, hp, wp)[:, :, ph : ph + h, pw : pw + wd]  # (11)
-    return np.ascontiguousarray(dx.transpose(1, 0, 2, 3))
+    return dx.transpose(1, 0, 2, 3)  # a view: conv2d_backward copies it into its rows of dx
 
 
 # -------------------------------------------------------------- pointwise path
-def _forward_pointwise(x, w, stride, padding, groups, out_hw):
+def _forward_pointwise(x, w, stride, padding, groups, out_hw, out=None):
     n, c = x.shape[:2]
     n_out = w.shape[0]
     ho, wo = out_hw
     cols = _pointwise_columns(x, stride, padding, ho, wo)  # (2)
     # (O, C, 1, 1) -> (O, C)
-    y = np.matmul(w.reshape(n_out, c), cols)  # (2)
-    # (N, O, Ho*Wo) -> (N, O, Ho, Wo)
-    return y.reshape(n, n_out, ho, wo)
+    out = _output(out, (n, n_out, ho, wo), x.dtype)
+    # (N, O, Ho, Wo) -> (N, O, Ho*Wo), a view the product is written into
+    np.matmul(w.reshape(n_out, c), cols, out=out.reshape(n, n_out, ho * wo))  # (2)
+    return out
 
 
 def _pointwise_columns(x, stride, padding, ho, wo):
@@ -436,14 +448,16 @@ def _backward_pointwise(dy, cache: Conv2dCache):
 
 
 # -------------------------------------------------------------- depthwise path
-def _forward_depthwise(x, w, stride, padding, groups, out_hw):
+def _forward_depthwise(x, w, stride, padding, groups, out_hw, out=None):
     n, c = x.shape[:2]
     n_out, _, kh, kw = w.shape
     (sh, sw), (ph, pw), (ho, wo) = stride, padding, out_hw
     xp = _pad(x, ph, pw)
     # (O, 1, kh, kw) -> (C, m, kh, kw)
     w_cm = w.reshape(c, n_out // c, kh, kw)
-    y = np.empty((n, c, n_out // c, ho, wo), dtype=x.dtype)
+    out = _output(out, (n, n_out, ho, wo), x.dtype)
+    # (N, O, Ho, Wo) -> (N, C, m, Ho, Wo), a view the taps are summed into
+    y = out.reshape(n, c, n_out // c, ho, wo)
     term = np.empty_like(y)
     for p in range(kh):
         for q in range(kw):
@@ -452,8 +466,7 @@ def _forward_depthwise(x, w, stride, padding, groups, out_hw):
             np.multiply(x_pq[:, :, None], w_cm[:, :, p, q, None, None], out=y if p == q == 0 else term)  # (1)
             if p or q:
                 y += term  # (1)
-    # (N, C, m, Ho, Wo) -> (N, O, Ho, Wo)
-    return y.reshape(n, n_out, ho, wo)
+    return out
 
 
 def _backward_depthwise(dy, cache: Conv2dCache):
@@ -487,7 +500,7 @@ def _backward_depthwise(dy, cache: Conv2dCache):
 
 
 # ------------------------------------------------ depthwise path, channels-last
-def _forward_depthwise_cl(x, w, stride, padding, groups, out_hw):
+def _forward_depthwise_cl(x, w, stride, padding, groups, out_hw, out=None):
     n, c = x.shape[:2]
     n_out, _, kh, kw = w.shape
     (sh, sw), (ho, wo) = stride, out_hw
@@ -503,8 +516,10 @@ def _forward_depthwise_cl(x, w, stride, padding, groups, out_hw):
             np.multiply(x_pq[..., None], w_cm[:, :, p, q], out=y if p == q == 0 else term)  # (1)
             if p or q:
                 y += term  # (1)
-    # (N, Ho, Wo, C, m) -> (N, C, m, Ho, Wo) -> (N, O, Ho, Wo)
-    return np.ascontiguousarray(y.transpose(0, 3, 4, 1, 2)).reshape(n, n_out, ho, wo)
+    out = _output(out, (n, n_out, ho, wo), x.dtype)
+    # (N, Ho, Wo, C, m) -> (N, C, m, Ho, Wo), into (N, O, Ho, Wo) seen as (N, C, m, Ho, Wo)
+    np.copyto(out.reshape(n, c, n_out // c, ho, wo), y.transpose(0, 3, 4, 1, 2))
+    return out
 
 
 def _channels_last(x, ph, pw):
@@ -544,7 +559,8 @@ def _backward_depthwise_cl(dy, cache: Conv2dCache):
                 rows, columns = _offset(p, sh, ho), _offset(q, sw, wo)
                 dxl[:, rows, columns] += np.einsum("nijcm,cm->nijc", dy_l, w_cm[:, :, p, q])  # (8)
         # (N, Hp, Wp, C) -> (N, H, W, C) -> (N, C, H, W)
-        dx = np.ascontiguousarray(dxl[:, ph : ph + h, pw : pw + wd].transpose(0, 3, 1, 2))  # (8)
+        # a view: conv2d_backward copies it into its rows of dx
+        dx = dxl[:, ph : ph + h, pw : pw + wd].transpose(0, 3, 1, 2)  # (8)
     return dx, dw
 
 

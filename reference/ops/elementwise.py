@@ -149,7 +149,7 @@ def relu_forward(x, needs_input_grad=None):
     grad_flags("relu", needs_input_grad, 1)
     y = np.empty_like(x)
     # (6): one pass, where x * (x > 0) takes two and a mask; NaN stays NaN
-    run_parts(lambda rows: np.maximum(x[rows], 0, out=y[rows]), _rows_of(x))
+    run_parts(lambda rows: np.maximum(x[rows], 0, out=y[rows]), _rows_of(x), blas=False)
     return y, ReluCache(y)
 
 
@@ -157,7 +157,7 @@ def relu_backward(dy, cache: ReluCache):
     if dy.shape != cache.y.shape:
         return (dy * (cache.y > 0),)  # (6), broadcast
     dx = np.empty_like(dy)
-    run_parts(lambda rows: np.multiply(dy[rows], cache.y[rows] > 0, out=dx[rows]), _rows_of(dx))  # (6)
+    run_parts(lambda rows: np.multiply(dy[rows], cache.y[rows] > 0, out=dx[rows]), _rows_of(dx), blas=False)  # (6)
     return (dx,)  # 0 at the kink x == 0 (y == 0)
 
 
