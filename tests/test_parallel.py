@@ -236,7 +236,8 @@ def test_the_callers_errstate_holds_in_every_part(monkeypatch):
     big = np.full(4, 3e38, dtype=np.float32)
     with np.errstate(over="raise"):
         with pytest.raises(FloatingPointError):
-            parallel.run_parts(lambda i: big * np.float32(0.5 + i), [0, 1])  # the second part overflows on lane 1
+            # the second part (on the other thread) overflows
+            parallel.run_parts(lambda i: big * np.float32(0.5 + i), [0, 1])
     with np.errstate(over="ignore"), warnings.catch_warnings():
         warnings.simplefilter("error")
         parallel.run_parts(lambda i: big * np.float32(0.5 + i), [0, 1])  # silent in every lane

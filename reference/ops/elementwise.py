@@ -157,7 +157,11 @@ def relu_backward(dy, cache: ReluCache):
     if dy.shape != cache.y.shape:
         return (dy * (cache.y > 0),)  # (6), broadcast
     dx = np.empty_like(dy)
-    run_parts(lambda rows: np.multiply(dy[rows], cache.y[rows] > 0, out=dx[rows]), _rows_of(dx), blas=False)  # (6)
+
+    def part(rows):
+        np.multiply(dy[rows], cache.y[rows] > 0, out=dx[rows])  # (6)
+
+    run_parts(part, _rows_of(dx), blas=False)
     return (dx,)  # 0 at the kink x == 0 (y == 0)
 
 
