@@ -57,10 +57,17 @@ decided by the shape alone, in :func:`conv2d_forward`:
       dw[o,c,p,q] = sum_t dyf[o, t] xf[c, t + s_pq]                                            (10)
       dxf[c, t] = sum_{o, p, q} w[o,c,p,q] dyf[o, t - s_pq],   dx = dxf at i' = a + ph, j' = b + pw   (11)
 
-  (10) gathers nothing: for each offset it is one GEMM of ``dyf`` with the
-  slice of ``xf`` that starts at ``s_pq``, a strided view BLAS reads in place,
-  summing over every position t at once (an (O, C) result per offset). (11)
-  accumulates over the offsets, so it runs blockwise on gathered columns like (9).
+  Both gradients come off one gather per block: the columns of ``dyf`` read
+  at ``t - s_pq`` (the flipped tap), which (11) multiplies by the flipped
+  weight. Substituting ``t -> t - s_pq`` in (10) shows the same columns give
+  ``dw``, with ``(p', q') = (kh-1-p, kw-1-q)`` the flip of tap ``(p, q)``::
+
+      dw[o, c, p', q'] = sum_t dyf[o, t - s_pq] xf[c, t]                                       (12)
+
+  one GEMM per block of an (O kh kw, width) block with the (C, width) block
+  of ``xf``, where (10) read as written is kh kw GEMMs of (O, T) by (T, C),
+  two tiny dimensions and a long one: on 32 samples of ResNet-20's first
+  stage those took 4.3 ms, (12) adds 2.5 ms to the gather and GEMM of (11).
 
   The price is computing (9) and (11) at the Hp Wp - Ho Wo cropped positions
   too, hence the 1.6 bound: 8x8 padded to 10x10 (56 % more GEMM work) still
@@ -353,50 +360,55 @@ def _backward_shift(dy, cache: Conv2dCache):
     hp, wp = h + 2 * ph, wd + 2 * pw
     offsets = [p * wp + q for p in range(kh) for q in range(kw)]
     t_all, lead = n * hp * wp, offsets[-1]
-    span = t_all - lead
     # dyf of (10): dy on the padded grid, zero at the cropped positions, after ``lead`` zeros
     # so that (11) can read it at t - s_pq >= -lead: (O, lead + T)
     dy_f = np.zeros((n_out, lead + t_all), dtype=dy.dtype)
     # (N, O, Ho, Wo) -> (O, N, Ho, Wo), into (O, N, Hp, Wp)[:, :, :Ho, :Wo]
     dy_f[:, lead:].reshape(n_out, n, hp, wp)[:, :, :ho, :wo] = dy.transpose(1, 0, 2, 3)
-    dx = dw = None
-    if need_w:
-        # (N, Hp, Wp, C) -> (T, C): xf of (9) transposed, rebuilt from x (channels-last, one copy)
-        xt = _channels_last(cache.x, ph, pw).reshape(-1, c)
-        dyf_valid = dy_f[:, lead : lead + span]  # (O, span): every t that can hold a valid output
-        dw = np.empty((n_out, c, kh * kw), dtype=dy.dtype)
-        for k, offset in enumerate(offsets):
-            # (O, span) times the rows s_pq .. s_pq + span of (T, C): a contiguous slice, no columns gathered.
-            # np.dot, not matmul: NumPy's matmul keeps the interpreter lock for this shape (two threads
-            # ran it no faster than one, benchmarks/README.md), np.dot releases it.
-            dw[:, :, k] = np.dot(dyf_valid, xt[offset : offset + span])  # (10)
-        del xt
-        # (O, C, kh*kw) -> (O, C, kh, kw)
-        dw = dw.reshape(cache.w_shape)
-    if need_x:
-        buffer = np.empty(n_out * len(offsets) * _CHUNK_COLUMNS, dtype=dy.dtype)
-        dx = _dx_shift(dy_f, cache.w, cache.x_shape, (ph, pw), offsets, buffer)
-    return dx, dw
+    xf = _channel_major(cache.x, ph, pw).reshape(c, -1) if need_w else None  # (C, T): xf of (9), from x
+    return _shift_backward_blocks(dy_f, cache.w, xf, cache.x_shape, cache.w_shape, (ph, pw), offsets)
 
 
-def _dx_shift(dy_f, w, x_shape, padding, offsets, buffer):
-    """``dx`` by (11): the flipped weight against ``dy_f`` read at ``t - s_pq``."""
+def _shift_backward_blocks(dy_f, w, xf, x_shape, w_shape, padding, offsets):
+    """``dx`` by (11) when ``w`` is given, ``dw`` by (12) when ``xf`` is: both off one gather.
+
+    Each block of ``_CHUNK_COLUMNS`` positions gathers the columns of ``dy_f``
+    read at ``t - s_pq`` once; (11) multiplies them by the flipped weight and
+    (12) by the block of ``xf``. Returns ``(dx, dw)``, None for the one not asked.
+    """
     n, c, h, wd = x_shape
+    n_out, _, kh, kw = w_shape
     ph, pw = padding
     hp, wp = h + 2 * ph, wd + 2 * pw
     t_all = n * hp * wp
-    # (O, C, kh, kw) -> (C, O, kh, kw), flipped in space: (C, O*kh*kw)
-    w_t = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(c, -1)
-    dx = np.empty((c, t_all), dtype=dy_f.dtype)  # dxf of (11) at every t of the padded grid
+    buffer = np.empty(n_out * len(offsets) * _CHUNK_COLUMNS, dtype=dy_f.dtype)
+    dx = g = w_t = None
+    if w is not None:
+        # (O, C, kh, kw) -> (C, O, kh, kw), flipped in space: (C, O*kh*kw)
+        w_t = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(c, -1)
+        dx = np.empty((c, t_all), dtype=dy_f.dtype)  # dxf of (11) at every t of the padded grid
+    if xf is not None:
+        g = np.zeros((n_out * kh * kw, c), dtype=dy_f.dtype)  # (12), summed over the blocks
     for t0 in range(0, t_all, _CHUNK_COLUMNS):
         width = min(_CHUNK_COLUMNS, t_all - t0)
         # offset k = (p, q) reads dy_f at t + s_pq - lead = t - s_(kh-1-p)(kw-1-q): the flipped tap
-        cols = _flat_columns(dy_f, offsets, t0, width, buffer)  # (11)
+        cols = _flat_columns(dy_f, offsets, t0, width, buffer)  # (11), (12)
         # (O, kh*kw, width) -> (O*kh*kw, width)
-        np.matmul(w_t, cols.reshape(-1, width), out=dx[:, t0 : t0 + width])  # (11)
-    # (C, T) -> (C, N, Hp, Wp) -> (C, N, H, W) -> (N, C, H, W)
-    dx = dx.reshape(c, n, hp, wp)[:, :, ph : ph + h, pw : pw + wd]  # (11)
-    return dx.transpose(1, 0, 2, 3)  # a view: conv2d_backward copies it into its rows of dx
+        cols = cols.reshape(-1, width)
+        if dx is not None:
+            np.matmul(w_t, cols, out=dx[:, t0 : t0 + width])  # (11)
+        if g is not None:
+            # (O*kh*kw, width) times (C, width) transposed. np.dot, not matmul: NumPy's matmul keeps
+            # the interpreter lock for a transposed operand (two threads ran it no faster than one)
+            g += np.dot(cols, xf[:, t0 : t0 + width].T)  # (12)
+    dw = None
+    if g is not None:
+        # (O*kh*kw, C) -> (O, kh, kw, C), the taps flipped back -> (O, C, kh, kw)
+        dw = np.ascontiguousarray(g.reshape(n_out, kh, kw, c)[:, ::-1, ::-1].transpose(0, 3, 1, 2))  # (12)
+    if dx is not None:
+        # (C, T) -> (C, N, Hp, Wp) -> (C, N, H, W) -> (N, C, H, W), a view conv2d_backward copies
+        dx = dx.reshape(c, n, hp, wp)[:, :, ph : ph + h, pw : pw + wd].transpose(1, 0, 2, 3)  # (11)
+    return dx, dw
 
 
 # -------------------------------------------------------------- pointwise path
