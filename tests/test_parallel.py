@@ -241,3 +241,54 @@ def test_the_callers_errstate_holds_in_every_part(monkeypatch):
     with np.errstate(over="ignore"), warnings.catch_warnings():
         warnings.simplefilter("error")
         parallel.run_parts(lambda i: big * np.float32(0.5 + i), [0, 1])  # silent in every lane
+
+
+def test_regions_from_two_threads_at_once_both_finish_with_their_own_results(monkeypatch):
+    """A second caller while the helpers are busy runs its parts in turn, never mixing the two."""
+    monkeypatch.setenv("LEARNSPARSE_THREADS", "2")
+    errors, answers = [], {}
+
+    def caller(name):
+        try:
+            for round_ in range(200):
+                got = parallel.run_parts(lambda i, r=round_: (name, r, i), list(range(4)))
+                assert got == [(name, round_, i) for i in range(4)]
+            answers[name] = True
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    callers = [threading.Thread(target=caller, args=(name,)) for name in ("a", "b")]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join(30)
+    assert not errors and answers == {"a": True, "b": True}
+
+
+def test_an_interrupted_region_retires_its_helpers(monkeypatch):
+    """A wait cut short (Ctrl-C) leaves a helper that may still run: later regions start fresh ones."""
+    monkeypatch.setenv("LEARNSPARSE_THREADS", "2")
+    parallel.run_parts(lambda i: i, [0, 1])
+    old = list(parallel._helpers)
+    release = threading.Event()
+
+    class Interrupt(BaseException):
+        pass
+
+    class InterruptedQueue:
+        """The helper's done queue, its wait cut short as Ctrl-C would."""
+
+        def __init__(self, queue):
+            self.put = queue.put
+
+        def get(self):
+            raise Interrupt
+
+    helper = old[0]
+    monkeypatch.setattr(helper, "done", InterruptedQueue(helper.done))
+    with pytest.raises(Interrupt):
+        parallel.run_parts(lambda i: release.wait(5) if i == 1 else i, [0, 1])
+    release.set()
+    assert parallel._helpers == []
+    assert parallel.run_parts(lambda i: i * 2, [0, 1, 2]) == [0, 2, 4]
+    assert parallel._helpers and parallel._helpers[0] is not helper

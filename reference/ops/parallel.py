@@ -31,9 +31,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import queue
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from reference.errors import ConfigError
@@ -46,9 +46,8 @@ MIN_ROWS = 16  # no part smaller than this many samples: below it a part's GEMMs
 MAX_PARTS = 4  # at most this many parts; batch 128 -> four parts of 32
 
 _local = threading.local()  # .inside: this thread is running a part (a nested call runs in turn)
-_lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
+_busy = threading.Lock()  # held by the region using the helpers; another thread's region runs in turn
+_helpers: list[_Helper] = []  # started on first use, one per thread beyond the caller's
 _blas = None  # threadpoolctl's controller, found on first use
 
 
@@ -81,26 +80,37 @@ def threads() -> int:
         return os.cpu_count() or 1
 
 
-def _executor(size: int) -> ThreadPoolExecutor:
-    """The shared pool of ``size`` workers (rebuilt when the thread count changed)."""
-    global _pool, _pool_size
-    with _lock:
-        if _pool is None or _pool_size != size:
-            if _pool is not None:
-                _pool.shutdown(wait=True)
-            _pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="learnsparse-part")
-            _pool_size = size
-        return _pool
+class _Helper:
+    """A thread that runs one lane of a region at a time, handed over through a queue.
+
+    Waking a helper and being woken by it costs about 80 microseconds a region
+    on the benchmark machine; a training step opens a few hundred regions.
+    """
+
+    def __init__(self, number: int) -> None:
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.done: queue.SimpleQueue = queue.SimpleQueue()
+        name = f"learnsparse-part-{number}"
+        threading.Thread(target=self._serve, name=name, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            context, lane_args = self.inbox.get()
+            try:
+                context.run(_lane, *lane_args)
+            finally:
+                self.done.put(None)
 
 
-def _forget_pool_in_child() -> None:
-    """A forked child has none of its parent's threads: it builds its own pool on first use."""
-    global _pool, _pool_size, _lock
-    _pool, _pool_size, _lock = None, 0, threading.Lock()
+def _forget_helpers_in_child() -> None:
+    """A forked child has none of its parent's threads: it starts its own helpers on first use."""
+    global _busy
+    _helpers.clear()
+    _busy = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool_in_child)
+    os.register_at_fork(after_in_child=_forget_helpers_in_child)
 
 
 def _one_blas_thread():
@@ -133,27 +143,35 @@ def run_parts(fn: Callable[[Any], T], items: Sequence[Any], blas: bool = True) -
     Thread ``k`` of ``s`` takes items ``k, k + s, ...`` (the parts are equal, so
     the lanes are too); the calling thread is lane 0. Results come back in the
     items' order. An exception in any item is raised here after every lane has
-    stopped (no part is left running). A call from inside a part runs its items in turn.
+    stopped (no part is left running). A call from inside a part, or while
+    another thread's region holds the helpers, runs its items in turn.
     ``blas=False`` says ``fn`` calls no BLAS, which is then left as it is (holding it to one
     thread and back costs about 30 microseconds).
     """
     size = min(len(items), threads())
-    if size <= 1 or getattr(_local, "inside", False):
+    if size <= 1 or getattr(_local, "inside", False) or not _busy.acquire(blocking=False):
         return [fn(item) for item in items]
     results: list = [None] * len(items)
-    with _one_blas_thread() if blas else contextlib.nullcontext():
-        pool = _executor(size - 1)
-        # each lane runs in a copy of the caller's context: NumPy's errstate (how overflow and
-        # invalid values are reported) is a context variable, and must hold in the parts too
-        lanes = [
-            pool.submit(contextvars.copy_context().run, _lane, fn, items, lane, size, results)
-            for lane in range(1, size)
-        ]
-        try:
-            _lane(fn, items, 0, size, results)
-        finally:
-            for lane in lanes:
-                lane.result()
+    try:
+        while len(_helpers) < size - 1:
+            _helpers.append(_Helper(len(_helpers) + 1))
+        with _one_blas_thread() if blas else contextlib.nullcontext():
+            # each lane runs in a copy of the caller's context: NumPy's errstate (how overflow and
+            # invalid values are reported) is a context variable, and must hold in the parts too
+            for lane, helper in enumerate(_helpers[: size - 1], start=1):
+                helper.inbox.put((contextvars.copy_context(), (fn, items, lane, size, results)))
+            try:
+                _lane(fn, items, 0, size, results)
+            finally:
+                used = _helpers[: size - 1]
+                try:
+                    for helper in used:
+                        helper.done.get()
+                except BaseException:  # interrupted while a helper may still run its lane:
+                    _helpers.clear()  # it is never handed another; later regions start new ones
+                    raise
+    finally:
+        _busy.release()
     for ok, value in (r for r in results if r is not None):
         if not ok:
             raise value
