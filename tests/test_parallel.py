@@ -24,7 +24,7 @@ from reference.ops.norm import batch_norm_backward, batch_norm_forward
 from tests.harness import check_backward, check_finite_difference, check_forward
 from tests.opcases import CASES
 
-SPLIT_OPS = ("conv2d", "batch_norm", "relu")
+SPLIT_OPS = ("conv2d", "batch_norm", "relu", "add")
 SPLIT_CASES = [c for c in CASES if c.name in SPLIT_OPS]
 
 

@@ -93,8 +93,14 @@ def _binary_flags(op: str, needs_input_grad) -> tuple[bool, bool]:
 
 
 def add_forward(a, b, needs_input_grad=None):
+    """``a + b`` (2); two arrays of one shape (a residual connection) are added on parts of the batch."""
     need_a, need_b = _binary_flags("add", needs_input_grad)
-    return a + b, BinaryCache(None, None, _shape(a, need_a), _shape(b, need_b))
+    cache = BinaryCache(None, None, _shape(a, need_a), _shape(b, need_b))
+    if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape and a.ndim):
+        return a + b, cache
+    y = np.empty(a.shape, dtype=np.result_type(a, b))
+    run_parts(lambda rows: np.add(a[rows], b[rows], out=y[rows]), _rows_of(y), blas=False)
+    return y, cache
 
 
 def add_backward(dy, cache: BinaryCache):
