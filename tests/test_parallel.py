@@ -33,6 +33,8 @@ def every_sample_a_part(monkeypatch):
     """Parts of one sample (up to eight), two threads: the drawn batches of 2-5 samples are split."""
     monkeypatch.setattr(parallel, "MIN_ROWS", 1)
     monkeypatch.setattr(parallel, "MAX_PARTS", 8)
+    monkeypatch.setattr(parallel, "MIN_ELEMENTS", 0)  # the drawn arrays are small: on threads all the same
+    monkeypatch.setattr(parallel, "MIN_MACS", 0)
     monkeypatch.setenv("LEARNSPARSE_THREADS", "2")
 
 
@@ -198,6 +200,8 @@ def test_split_kernels_equal_whole_batch_ones_and_the_thread_count_changes_no_bi
     _, cache = conv2d_forward(x, w, None, stride, padding, groups)
     assert cache.path == path
     assert len(parallel.batch_parts(64)) == 4
+    monkeypatch.setattr(parallel, "MIN_ELEMENTS", 0)  # these small arrays too run on threads
+    monkeypatch.setattr(parallel, "MIN_MACS", 0)
 
     monkeypatch.setenv("LEARNSPARSE_THREADS", "1")
     one_thread = _step(x, w, stride, padding, groups, training)
@@ -292,3 +296,21 @@ def test_an_interrupted_region_retires_its_helpers(monkeypatch):
     assert parallel._helpers == []
     assert parallel.run_parts(lambda i: i * 2, [0, 1, 2]) == [0, 2, 4]
     assert parallel._helpers and parallel._helpers[0] is not helper
+
+
+def test_an_op_small_by_every_measure_runs_its_parts_in_turn(monkeypatch):
+    monkeypatch.setenv("LEARNSPARSE_THREADS", "2")
+    here = threading.current_thread().name
+
+    def where(**sizes):
+        return parallel.run_parts(lambda _: threading.current_thread().name, [0, 1], **sizes)
+
+    assert where(elements=parallel.MIN_ELEMENTS - 1) == [here, here]
+    assert where(elements=parallel.MIN_ELEMENTS - 1, macs=parallel.MIN_MACS - 1) == [here, here]
+    for sizes in (
+        {},  # no size given: side by side
+        {"elements": parallel.MIN_ELEMENTS},
+        {"elements": 1, "macs": parallel.MIN_MACS},  # a convolution large by its multiply-adds alone
+    ):
+        lanes = where(**sizes)
+        assert lanes[0] == here and lanes[1] != here, sizes

@@ -99,7 +99,7 @@ def add_forward(a, b, needs_input_grad=None):
     if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape and a.ndim):
         return a + b, cache
     y = np.empty(a.shape, dtype=np.result_type(a, b))
-    run_parts(lambda rows: np.add(a[rows], b[rows], out=y[rows]), _rows_of(y), blas=False)
+    run_parts(lambda rows: np.add(a[rows], b[rows], out=y[rows]), _rows_of(y), blas=False, elements=y.size)
     return y, cache
 
 
@@ -155,7 +155,7 @@ def relu_forward(x, needs_input_grad=None):
     grad_flags("relu", needs_input_grad, 1)
     y = np.empty_like(x)
     # (6): one pass, where x * (x > 0) takes two and a mask; NaN stays NaN
-    run_parts(lambda rows: np.maximum(x[rows], 0, out=y[rows]), _rows_of(x), blas=False)
+    run_parts(lambda rows: np.maximum(x[rows], 0, out=y[rows]), _rows_of(x), blas=False, elements=x.size)
     return y, ReluCache(y)
 
 
@@ -167,7 +167,7 @@ def relu_backward(dy, cache: ReluCache):
     def part(rows):
         np.multiply(dy[rows], cache.y[rows] > 0, out=dx[rows])  # (6)
 
-    run_parts(part, _rows_of(dx), blas=False)
+    run_parts(part, _rows_of(dx), blas=False, elements=dx.size)
     return (dx,)  # 0 at the kink x == 0 (y == 0)
 
 

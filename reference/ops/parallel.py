@@ -44,6 +44,10 @@ T = TypeVar("T")
 
 MIN_ROWS = 16  # no part smaller than this many samples: below it a part's GEMMs get too thin to pay
 MAX_PARTS = 4  # at most this many parts; batch 128 -> four parts of 32
+# Handing parts to another thread costs about 80 microseconds a region on the benchmark
+# machine; an op smaller than these runs its parts in turn (see run_parts).
+MIN_ELEMENTS = 1 << 18  # entries of an op's arrays (a convolution: its input and output)
+MIN_MACS = 1 << 24  # a convolution's multiply-adds
 
 _local = threading.local()  # .inside: this thread is running a part (a nested call runs in turn)
 _busy = threading.Lock()  # held by the region using the helpers; another thread's region runs in turn
@@ -137,7 +141,14 @@ def _lane(fn: Callable[[Any], T], items: Sequence[Any], lane: int, step: int, re
         _local.inside = False
 
 
-def run_parts(fn: Callable[[Any], T], items: Sequence[Any], blas: bool = True) -> list[T]:
+def run_parts(
+    fn: Callable[[Any], T],
+    items: Sequence[Any],
+    *,
+    blas: bool = True,
+    elements: int | None = None,
+    macs: int | None = None,
+) -> list[T]:
     """``[fn(item) for item in items]``, the items side by side on up to :func:`threads` threads.
 
     Thread ``k`` of ``s`` takes items ``k, k + s, ...`` (the parts are equal, so
@@ -146,9 +157,14 @@ def run_parts(fn: Callable[[Any], T], items: Sequence[Any], blas: bool = True) -
     stopped (no part is left running). A call from inside a part, or while
     another thread's region holds the helpers, runs its items in turn.
     ``blas=False`` says ``fn`` calls no BLAS, which is then left as it is (holding it to one
-    thread and back costs about 30 microseconds).
+    thread and back costs about 30 microseconds). An op whose sizes are all given and
+    below their bounds (``elements``, the entries of its arrays, under MIN_ELEMENTS;
+    ``macs``, a convolution's multiply-adds, under MIN_MACS) runs its items in turn: the
+    same parts, so the same result, without the cost of waking a thread.
     """
-    size = min(len(items), threads())
+    sizes = [(elements, MIN_ELEMENTS), (macs, MIN_MACS)]
+    small = any(n is not None for n, _ in sizes) and all(n is None or n < bound for n, bound in sizes)
+    size = 1 if small else min(len(items), threads())
     if size <= 1 or getattr(_local, "inside", False) or not _busy.acquire(blocking=False):
         return [fn(item) for item in items]
     results: list = [None] * len(items)
