@@ -366,9 +366,13 @@ def _backward_shift(dy, cache: Conv2dCache):
     t_all, lead = n * hp * wp, offsets[-1]
     # dyf of (10): dy on the padded grid, zero at the cropped positions, after ``lead`` zeros
     # so that (11) can read it at t - s_pq >= -lead: (O, lead + T)
-    dy_f = np.zeros((n_out, lead + t_all), dtype=dy.dtype)
+    dy_f = np.empty((n_out, lead + t_all), dtype=dy.dtype)
+    dy_f[:, :lead] = 0
+    grid = dy_f[:, lead:].reshape(n_out, n, hp, wp)  # a view: zeros written only where no output is
+    grid[:, :, ho:] = 0
+    grid[:, :, :ho, wo:] = 0
     # (N, O, Ho, Wo) -> (O, N, Ho, Wo), into (O, N, Hp, Wp)[:, :, :Ho, :Wo]
-    dy_f[:, lead:].reshape(n_out, n, hp, wp)[:, :, :ho, :wo] = dy.transpose(1, 0, 2, 3)
+    grid[:, :, :ho, :wo] = dy.transpose(1, 0, 2, 3)
     xf = _channel_major(cache.x, ph, pw).reshape(c, -1) if need_w else None  # (C, T): xf of (9), from x
     return _shift_backward_blocks(dy_f, cache.w, xf, cache.x_shape, cache.w_shape, (ph, pw), offsets)
 
