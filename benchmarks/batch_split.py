@@ -1,12 +1,13 @@
 """Would splitting each op over the batch in threads make the NumPy step faster? A measurement.
 
-The NumPy training step leaves a core idle: OpenBLAS's second thread speeds its small GEMMs up
-little, and batch norm, ReLU and the depthwise convs run on one thread (see ``step_time.py``'s
-profile). This script measures the alternative before any kernel is changed: for the layer shapes
-of the two step-time workloads, one block (a conv, batch norm and ReLU, forward and backward,
-through the reference's own kernels) is timed
+Made before the kernels split the batch themselves (``reference/ops/parallel.py``, which this
+measurement led to): then the NumPy training step left a core idle, as OpenBLAS's second thread
+sped its small GEMMs up little and batch norm, ReLU and the depthwise convs ran on one thread.
+For the layer shapes of the two step-time workloads, one block (a conv, batch norm and ReLU,
+forward and backward, through the reference's own kernels, with the kernels' own batch parts run
+in turn: ``LEARNSPARSE_THREADS=1``) is timed
 
-- **one call**: the whole batch, OpenBLAS on ``--threads`` threads (what the step does today);
+- **one call**: the whole batch, OpenBLAS on ``--threads`` threads (what the step did then);
 - **split**: the batch cut into ``--threads`` equal parts, each run by its own Python thread
   (NumPy releases the GIL inside its loops and BLAS calls), OpenBLAS on one thread;
 
@@ -23,6 +24,7 @@ import argparse
 import datetime
 import functools
 import json
+import os
 import statistics
 import sys
 import time
@@ -98,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     from reference.runtime import keep_freed_memory
 
     keep_freed_memory()  # as learnsparse train does
+    os.environ["LEARNSPARSE_THREADS"] = "1"  # the kernels' own parts in turn: only the two ways below thread
     controller = ThreadpoolController()
     pool = ThreadPoolExecutor(args.threads)
     rng = np.random.default_rng(0)

@@ -44,6 +44,7 @@ from typing import Any
 
 from reference.config import FIELD_HELP, TrainConfig, check_path, field_kind, resolve_config
 from reference.errors import CheckpointError, ConfigError, LearnsparseError
+from reference.ops.parallel import threads
 
 __all__ = ["build_parser", "main"]
 
@@ -630,6 +631,7 @@ def _main(argv: Sequence[str] | None) -> int:
         parser = build_parser()
         args = parser.parse_args(_attach_negative_values(sys.argv[1:] if argv is None else argv))
         _check_paths(args)
+        threads()  # a bad LEARNSPARSE_THREADS is refused here, before anything is written
         return _COMMANDS[args.command](args)
     except (LearnsparseError, _UsageError) as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__

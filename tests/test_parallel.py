@@ -64,8 +64,14 @@ def test_thread_count_comes_from_learnsparse_threads_then_omp(monkeypatch):
     assert parallel.threads() == 5
     monkeypatch.delenv("LEARNSPARSE_THREADS")
     assert parallel.threads() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "4,2")  # OpenMP's nested list: the outer level
+    assert parallel.threads() == 4
     monkeypatch.delenv("OMP_NUM_THREADS")
-    assert parallel.threads() >= 1
+    cores = parallel.threads()
+    assert cores >= 1
+    for ignored in ("", "0", "abc", "-1"):  # passed over as OpenBLAS does: the cores
+        monkeypatch.setenv("OMP_NUM_THREADS", ignored)
+        assert parallel.threads() == cores
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
@@ -73,6 +79,24 @@ def test_a_bad_thread_count_is_one_clear_line(monkeypatch, value):
     monkeypatch.setenv("LEARNSPARSE_THREADS", value)
     with pytest.raises(ConfigError, match=rf"LEARNSPARSE_THREADS={value!r}: expected a positive integer"):
         parallel.threads()
+
+
+def test_the_cli_refuses_a_bad_thread_count_before_writing_anything(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LEARNSPARSE_THREADS": "many"}
+    run = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "reference", "train", "--epochs", "1", "--run-dir", str(run)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "learnsparse: error: LEARNSPARSE_THREADS='many': expected a positive integer (threads per process)"
+    ]
+    assert not run.exists()
 
 
 def test_results_come_back_in_order_and_every_item_runs_once(monkeypatch):

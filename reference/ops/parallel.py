@@ -66,22 +66,35 @@ def batch_parts(n: int) -> list[slice]:
 
 
 def threads() -> int:
-    """How many threads a parallel region may use (see the module docstring for the order)."""
-    for variable in ("LEARNSPARSE_THREADS", "OMP_NUM_THREADS"):
-        text = os.environ.get(variable, "").strip()
-        if not text:
-            continue
-        try:
-            value = int(text)
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise ConfigError(f"{variable}={text!r}: expected a positive integer (threads per process)")
+    """How many threads a parallel region may use (see the module docstring for the order).
+
+    ``LEARNSPARSE_THREADS`` must be a positive integer (else a ConfigError naming it).
+    ``OMP_NUM_THREADS`` is read as OpenMP reads it, the first of a comma-separated list;
+    a value that is not a positive integer is passed over, as OpenBLAS does.
+    """
+    text = os.environ.get("LEARNSPARSE_THREADS", "").strip()
+    if text:
+        value = _positive(text)
+        if value is None:
+            raise ConfigError(
+                f"LEARNSPARSE_THREADS={text!r}: expected a positive integer (threads per process)"
+            )
+        return value
+    value = _positive(os.environ.get("OMP_NUM_THREADS", "").split(",")[0])
+    if value is not None:
         return value
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def _positive(text: str) -> int | None:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        return None
+    return value if value >= 1 else None
 
 
 class _Helper:
