@@ -47,6 +47,7 @@ def test_parts_cover_the_batch_in_order_and_in_near_equal_sizes(n):
     sizes = [p.stop - p.start for p in parts]
     assert max(sizes) - min(sizes) <= 1
     assert len(parts) == max(1, min(parallel.MAX_PARTS, n // parallel.MIN_ROWS))
+    assert parallel.batch_parts(n, elements=parallel.MIN_ELEMENTS - 1) == [slice(0, n)]  # a small op: whole
 
 
 def test_parts_do_not_depend_on_the_thread_count(monkeypatch):
@@ -322,19 +323,13 @@ def test_an_interrupted_region_retires_its_helpers(monkeypatch):
     assert parallel._helpers and parallel._helpers[0] is not helper
 
 
-def test_an_op_small_by_every_measure_runs_its_parts_in_turn(monkeypatch):
-    monkeypatch.setenv("LEARNSPARSE_THREADS", "2")
-    here = threading.current_thread().name
-
-    def where(**sizes):
-        return parallel.run_parts(lambda _: threading.current_thread().name, [0, 1], **sizes)
-
-    assert where(elements=parallel.MIN_ELEMENTS - 1) == [here, here]
-    assert where(elements=parallel.MIN_ELEMENTS - 1, macs=parallel.MIN_MACS - 1) == [here, here]
+def test_an_op_small_by_every_measure_is_not_cut():
+    whole = [slice(0, 128)]
+    assert parallel.batch_parts(128, elements=parallel.MIN_ELEMENTS - 1) == whole
+    assert parallel.batch_parts(128, elements=parallel.MIN_ELEMENTS - 1, macs=parallel.MIN_MACS - 1) == whole
     for sizes in (
-        {},  # no size given: side by side
+        {},  # no size given
         {"elements": parallel.MIN_ELEMENTS},
         {"elements": 1, "macs": parallel.MIN_MACS},  # a convolution large by its multiply-adds alone
     ):
-        lanes = where(**sizes)
-        assert lanes[0] == here and lanes[1] != here, sizes
+        assert len(parallel.batch_parts(128, **sizes)) == 4, sizes

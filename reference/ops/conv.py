@@ -187,9 +187,8 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0, groups: int = 1, needs_inp
         if b is not None:
             y[rows] += b.reshape(1, w.shape[0], 1, 1)  # (1)
 
-    run_parts(
-        part, batch_parts(x.shape[0]), elements=x.size + y.size, macs=y.size * int(np.prod(w.shape[1:]))
-    )
+    macs = y.size * int(np.prod(w.shape[1:]))  # (1)'s multiply-adds
+    run_parts(part, batch_parts(x.shape[0], elements=x.size + y.size, macs=macs))
     cache = Conv2dCache.keep(path, x, w, b is not None, stride, padding, groups, (need_x, need_w, need_b))
     return y, cache
 
@@ -203,7 +202,14 @@ def conv2d_backward(dy, cache: Conv2dCache):
     """
     need_x, need_w, need_b = cache.needs
     backward = _BACKWARD[cache.path]
-    dx = np.empty(cache.x_shape, dtype=dy.dtype) if need_x else None  # every path's dx is copied in once
+    elements = int(np.prod(cache.x_shape)) + dy.size
+    macs = dy.size * int(np.prod(cache.w_shape[1:]))  # (1)'s multiply-adds
+    parts = batch_parts(dy.shape[0], elements=elements, macs=macs)
+    if len(parts) == 1:  # the whole batch in one call, its arrays as the path made them
+        dx, dw = backward(dy, cache)
+        dx = None if dx is None else np.ascontiguousarray(dx)
+        return dx, dw, dy.sum(axis=(0, 2, 3)) if need_b else None  # (3)
+    dx = np.empty(cache.x_shape, dtype=dy.dtype) if need_x else None
 
     def part(rows: slice):
         x_rows = None if cache.x is None else cache.x[rows]
@@ -213,9 +219,7 @@ def conv2d_backward(dy, cache: Conv2dCache):
             dx[rows] = dx_rows
         return dw_part, dy[rows].sum(axis=(0, 2, 3)) if need_b else None  # (3)
 
-    elements = int(np.prod(cache.x_shape)) + dy.size
-    macs = dy.size * int(np.prod(cache.w_shape[1:]))  # (1)'s multiply-adds
-    sums = run_parts(part, batch_parts(dy.shape[0]), elements=elements, macs=macs)
+    sums = run_parts(part, parts)
     dw = _total([dw_part for dw_part, _ in sums]) if need_w else None  # (4)
     db = _total([db_part for _, db_part in sums]) if need_b else None  # (3)
     return dx, dw, db

@@ -99,7 +99,7 @@ def add_forward(a, b, needs_input_grad=None):
     if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape and a.ndim):
         return a + b, cache
     y = np.empty(a.shape, dtype=np.result_type(a, b))
-    run_parts(lambda rows: np.add(a[rows], b[rows], out=y[rows]), _rows_of(y), blas=False, elements=y.size)
+    run_parts(lambda rows: np.add(a[rows], b[rows], out=y[rows]), _rows_of(y), blas=False)
     return y, cache
 
 
@@ -155,7 +155,7 @@ def relu_forward(x, needs_input_grad=None):
     grad_flags("relu", needs_input_grad, 1)
     y = np.empty_like(x)
     # (6): one pass, where x * (x > 0) takes two and a mask; NaN stays NaN
-    run_parts(lambda rows: np.maximum(x[rows], 0, out=y[rows]), _rows_of(x), blas=False, elements=x.size)
+    run_parts(lambda rows: np.maximum(x[rows], 0, out=y[rows]), _rows_of(x), blas=False)
     return y, ReluCache(y)
 
 
@@ -167,13 +167,13 @@ def relu_backward(dy, cache: ReluCache):
     def part(rows):
         np.multiply(dy[rows], cache.y[rows] > 0, out=dx[rows])  # (6)
 
-    run_parts(part, _rows_of(dx), blas=False, elements=dx.size)
+    run_parts(part, _rows_of(dx), blas=False)
     return (dx,)  # 0 at the kink x == 0 (y == 0)
 
 
 def _rows_of(x) -> list:
     """The batch parts of an array with a batch axis; the whole (``...``) of a 0-d one."""
-    return batch_parts(x.shape[0]) if x.ndim else [...]
+    return batch_parts(x.shape[0], elements=x.size) if x.ndim else [...]
 
 
 def _reduce_cache(x, axis, keepdims) -> ReduceCache:

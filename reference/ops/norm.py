@@ -152,23 +152,21 @@ def batch_norm_forward(
     dtype = x.dtype
     axes = _channel_axes(x.ndim)
     count = x.size // channels if channels else 0
-    parts = batch_parts(x.shape[0])
+    parts = batch_parts(x.shape[0], elements=x.size)
     xhat = np.empty_like(x)  # x - mu, scaled to xhat in place below
     if training:
         if count < 1:
             raise ShapeError(
                 f"batch_norm in training mode needs at least one entry per channel, got {tuple(x.shape)}"
             )
-        total = _added(
-            run_parts(lambda rows: _channel_sum(x[rows], axes), parts, blas=False, elements=x.size)
-        )
+        total = _added(run_parts(lambda rows: _channel_sum(x[rows], axes), parts, blas=False))
         mean = (total / count).astype(dtype)  # (1)
 
         def centre(rows: slice) -> np.ndarray:
             np.subtract(x[rows], _per_channel(mean, x.ndim), out=xhat[rows])
             return _channel_dot(xhat[rows], xhat[rows], axes)  # (2), second pass
 
-        var64 = _added(run_parts(centre, parts, blas=False, elements=x.size)) / count  # (2)
+        var64 = _added(run_parts(centre, parts, blas=False)) / count  # (2)
         var = var64.astype(dtype)
         inv_std = (1.0 / np.sqrt(var64 + eps)).astype(dtype)  # (3)
     else:
@@ -191,7 +189,7 @@ def batch_norm_forward(
         if shift is not None:
             y[rows] += shift  # (5)
 
-    run_parts(normalise, parts, blas=False, elements=x.size)
+    run_parts(normalise, parts, blas=False)
     needs = (need_x, need_gamma, need_beta)
     cache = BatchNormCache.keep(xhat, inv_std, gamma, beta, mean, var, training, count, dtype, x.ndim, needs)
     return y, cache
@@ -202,7 +200,7 @@ def batch_norm_backward(dy: np.ndarray, cache: BatchNormCache):
     xhat, inv_std, gamma, _, _, training, count, x_dtype, gamma_dtype, beta_dtype, ndim = cache
     dtype = dy.dtype
     axes = _channel_axes(ndim)
-    parts = batch_parts(dy.shape[0])
+    parts = batch_parts(dy.shape[0], elements=dy.size)
 
     need_dbeta = beta_dtype is not None or (training and x_dtype is not None)  # (10) reads dbeta
 
@@ -211,11 +209,7 @@ def batch_norm_backward(dy: np.ndarray, cache: BatchNormCache):
         dgamma_part = None if xhat is None else _channel_dot(dy[rows], xhat[rows], axes)  # (7)
         return dbeta_part, dgamma_part
 
-    partial = (
-        run_parts(sums, parts, blas=False, elements=dy.size)
-        if need_dbeta or xhat is not None
-        else [(None, None)]
-    )
+    partial = run_parts(sums, parts, blas=False) if need_dbeta or xhat is not None else [(None, None)]
     dbeta64 = _added([b for b, _ in partial])
     dgamma64 = _added([g for _, g in partial])
     dx = None
@@ -239,7 +233,7 @@ def batch_norm_backward(dy: np.ndarray, cache: BatchNormCache):
             def input_gradient(rows: slice) -> None:
                 np.multiply(dy[rows], scale, out=dx[rows])  # (9)
 
-        run_parts(input_gradient, parts, blas=False, elements=dy.size)
+        run_parts(input_gradient, parts, blas=False)
 
     dgamma = None if gamma_dtype is None else dgamma64.astype(gamma_dtype)
     dbeta = None if beta_dtype is None else dbeta64.astype(beta_dtype)

@@ -45,7 +45,7 @@ T = TypeVar("T")
 MIN_ROWS = 16  # no part smaller than this many samples: below it a part's GEMMs get too thin to pay
 MAX_PARTS = 4  # at most this many parts; batch 128 -> four parts of 32
 # Handing parts to another thread costs about 80 microseconds a region on the benchmark
-# machine; an op smaller than these runs its parts in turn (see run_parts).
+# machine; an op smaller than these is not cut (see batch_parts).
 MIN_ELEMENTS = 1 << 18  # entries of an op's arrays (a convolution: its input and output)
 MIN_MACS = 1 << 24  # a convolution's multiply-adds
 
@@ -55,12 +55,18 @@ _helpers: list[_Helper] = []  # started on first use, one per thread beyond the 
 _blas = None  # threadpoolctl's controller, found on first use
 
 
-def batch_parts(n: int) -> list[slice]:
+def batch_parts(n: int, *, elements: int | None = None, macs: int | None = None) -> list[slice]:
     """The rows ``0 .. n`` cut into equal parts (sizes differ by at most one), in order.
 
-    ``min(MAX_PARTS, n // MIN_ROWS)`` parts, at least one: a function of ``n`` only.
+    ``min(MAX_PARTS, n // MIN_ROWS)`` parts, at least one; a single part when the op is small
+    by every size given (``elements``, the entries of its arrays, under MIN_ELEMENTS;
+    ``macs``, a convolution's multiply-adds, under MIN_MACS): such an op runs as one call on
+    the calling thread, since cutting it and waking threads would cost more than it saves.
+    A function of the shapes only, never of the thread count.
     """
-    count = max(1, min(MAX_PARTS, n // MIN_ROWS))
+    sizes = [(elements, MIN_ELEMENTS), (macs, MIN_MACS)]
+    small = any(m is not None for m, _ in sizes) and all(m is None or m < bound for m, bound in sizes)
+    count = 1 if small else max(1, min(MAX_PARTS, n // MIN_ROWS))
     bounds = [n * i // count for i in range(count + 1)]
     return [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
 
@@ -154,14 +160,7 @@ def _lane(fn: Callable[[Any], T], items: Sequence[Any], lane: int, step: int, re
         _local.inside = False
 
 
-def run_parts(
-    fn: Callable[[Any], T],
-    items: Sequence[Any],
-    *,
-    blas: bool = True,
-    elements: int | None = None,
-    macs: int | None = None,
-) -> list[T]:
+def run_parts(fn: Callable[[Any], T], items: Sequence[Any], *, blas: bool = True) -> list[T]:
     """``[fn(item) for item in items]``, the items side by side on up to :func:`threads` threads.
 
     Thread ``k`` of ``s`` takes items ``k, k + s, ...`` (the parts are equal, so
@@ -170,14 +169,9 @@ def run_parts(
     stopped (no part is left running). A call from inside a part, or while
     another thread's region holds the helpers, runs its items in turn.
     ``blas=False`` says ``fn`` calls no BLAS, which is then left as it is (holding it to one
-    thread and back costs about 30 microseconds). An op whose sizes are all given and
-    below their bounds (``elements``, the entries of its arrays, under MIN_ELEMENTS;
-    ``macs``, a convolution's multiply-adds, under MIN_MACS) runs its items in turn: the
-    same parts, so the same result, without the cost of waking a thread.
+    thread and back costs about 30 microseconds).
     """
-    sizes = [(elements, MIN_ELEMENTS), (macs, MIN_MACS)]
-    small = any(n is not None for n, _ in sizes) and all(n is None or n < bound for n, bound in sizes)
-    size = 1 if small else min(len(items), threads())
+    size = min(len(items), threads())
     if size <= 1 or getattr(_local, "inside", False) or not _busy.acquire(blocking=False):
         return [fn(item) for item in items]
     results: list = [None] * len(items)
