@@ -105,6 +105,8 @@ is not computed and is None.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -187,7 +189,7 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0, groups: int = 1, needs_inp
         if b is not None:
             y[rows] += b.reshape(1, w.shape[0], 1, 1)  # (1)
 
-    macs = y.size * int(np.prod(w.shape[1:]))  # (1)'s multiply-adds
+    macs = y.size * math.prod(w.shape[1:])  # (1)'s multiply-adds
     run_parts(part, batch_parts(x.shape[0], elements=x.size + y.size, macs=macs))
     cache = Conv2dCache.keep(path, x, w, b is not None, stride, padding, groups, (need_x, need_w, need_b))
     return y, cache
@@ -202,27 +204,35 @@ def conv2d_backward(dy, cache: Conv2dCache):
     """
     need_x, need_w, need_b = cache.needs
     backward = _BACKWARD[cache.path]
-    elements = int(np.prod(cache.x_shape)) + dy.size
-    macs = dy.size * int(np.prod(cache.w_shape[1:]))  # (1)'s multiply-adds
+    elements = math.prod(cache.x_shape) + dy.size
+    macs = dy.size * math.prod(cache.w_shape[1:])  # (1)'s multiply-adds
     parts = batch_parts(dy.shape[0], elements=elements, macs=macs)
     if len(parts) == 1:  # the whole batch in one call, its arrays as the path made them
         dx, dw = backward(dy, cache)
-        dx = None if dx is None else np.ascontiguousarray(dx)
         return dx, dw, dy.sum(axis=(0, 2, 3)) if need_b else None  # (3)
     dx = np.empty(cache.x_shape, dtype=dy.dtype) if need_x else None
 
     def part(rows: slice):
         x_rows = None if cache.x is None else cache.x[rows]
         own = cache._replace(x=x_rows, x_shape=(rows.stop - rows.start, *cache.x_shape[1:]))
-        dx_rows, dw_part = backward(dy[rows], own)
-        if need_x:
-            dx[rows] = dx_rows
+        out = None if dx is None else dx[rows]
+        dx_rows, dw_part = backward(dy[rows], own, out=out)
+        if out is not None and dx_rows is not out:
+            out[...] = dx_rows  # a path that returns its own array
         return dw_part, dy[rows].sum(axis=(0, 2, 3)) if need_b else None  # (3)
 
     sums = run_parts(part, parts)
     dw = _total([dw_part for dw_part, _ in sums]) if need_w else None  # (4)
     db = _total([db_part for _, db_part in sums]) if need_b else None  # (3)
     return dx, dw, db
+
+
+def _contiguous(view: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """``view`` copied into ``out`` (a part's rows of the caller's array), or into a new contiguous array."""
+    if out is None:
+        return np.ascontiguousarray(view)
+    np.copyto(out, view)
+    return out
 
 
 def _total(parts: list[np.ndarray]) -> np.ndarray:
@@ -249,7 +259,7 @@ def _forward_general(x, w, stride, padding, groups, out_hw, out=None):
     return out
 
 
-def _backward_general(dy, cache: Conv2dCache):
+def _backward_general(dy, cache: Conv2dCache, out=None):
     need_x, need_w, _ = cache.needs
     n, groups = cache.x_shape[0], cache.groups
     n_out, _, kh, kw = cache.w_shape
@@ -359,7 +369,7 @@ def _forward_shift(x, w, stride, padding, groups, out_hw, out=None):
     return out
 
 
-def _backward_shift(dy, cache: Conv2dCache):
+def _backward_shift(dy, cache: Conv2dCache, out=None):
     need_x, need_w, _ = cache.needs
     n, c, h, wd = cache.x_shape
     n_out, _, kh, kw = cache.w_shape
@@ -378,10 +388,10 @@ def _backward_shift(dy, cache: Conv2dCache):
     # (N, O, Ho, Wo) -> (O, N, Ho, Wo), into (O, N, Hp, Wp)[:, :, :Ho, :Wo]
     grid[:, :, :ho, :wo] = dy.transpose(1, 0, 2, 3)
     xf = _channel_major(cache.x, ph, pw).reshape(c, -1) if need_w else None  # (C, T): xf of (9), from x
-    return _shift_backward_blocks(dy_f, cache.w, xf, cache.x_shape, cache.w_shape, (ph, pw), offsets)
+    return _shift_backward_blocks(dy_f, cache.w, xf, cache.x_shape, cache.w_shape, (ph, pw), offsets, out)
 
 
-def _shift_backward_blocks(dy_f, w, xf, x_shape, w_shape, padding, offsets):
+def _shift_backward_blocks(dy_f, w, xf, x_shape, w_shape, padding, offsets, out=None):
     """``dx`` by (11) when ``w`` is given, ``dw`` by (12) when ``xf`` is: both off one gather.
 
     Each block of ``_CHUNK_COLUMNS`` positions gathers the columns of ``dy_f``
@@ -418,8 +428,10 @@ def _shift_backward_blocks(dy_f, w, xf, x_shape, w_shape, padding, offsets):
         # (O*kh*kw, C) -> (O, kh, kw, C), the taps flipped back -> (O, C, kh, kw)
         dw = np.ascontiguousarray(g.reshape(n_out, kh, kw, c)[:, ::-1, ::-1].transpose(0, 3, 1, 2))  # (12)
     if dx is not None:
-        # (C, T) -> (C, N, Hp, Wp) -> (C, N, H, W) -> (N, C, H, W), a view conv2d_backward copies
-        dx = dx.reshape(c, n, hp, wp)[:, :, ph : ph + h, pw : pw + wd].transpose(1, 0, 2, 3)  # (11)
+        # (C, T) -> (C, N, Hp, Wp) -> (C, N, H, W) -> (N, C, H, W), into ``out`` or a new array
+        dx = _contiguous(
+            dx.reshape(c, n, hp, wp)[:, :, ph : ph + h, pw : pw + wd].transpose(1, 0, 2, 3), out
+        )  # (11)
     return dx, dw
 
 
@@ -444,7 +456,7 @@ def _pointwise_columns(x, stride, padding, ho, wo):
     return _pad(x, ph, pw)[:, :, ::sh, ::sw].reshape(n, c, ho * wo)
 
 
-def _backward_pointwise(dy, cache: Conv2dCache):
+def _backward_pointwise(dy, cache: Conv2dCache, out=None):
     need_x, need_w, _ = cache.needs
     n, c, h, wd = cache.x_shape
     (sh, sw), (ph, pw) = cache.stride, cache.padding
@@ -493,7 +505,7 @@ def _forward_depthwise(x, w, stride, padding, groups, out_hw, out=None):
     return out
 
 
-def _backward_depthwise(dy, cache: Conv2dCache):
+def _backward_depthwise(dy, cache: Conv2dCache, out=None):
     need_x, need_w, _ = cache.needs
     n, c, h, wd = cache.x_shape
     n_out, _, kh, kw = cache.w_shape
@@ -555,7 +567,7 @@ def _channels_last(x, ph, pw):
     return xl
 
 
-def _backward_depthwise_cl(dy, cache: Conv2dCache):
+def _backward_depthwise_cl(dy, cache: Conv2dCache, out=None):
     need_x, need_w, _ = cache.needs
     n, c, h, wd = cache.x_shape
     n_out, _, kh, kw = cache.w_shape
@@ -583,8 +595,8 @@ def _backward_depthwise_cl(dy, cache: Conv2dCache):
                 rows, columns = _offset(p, sh, ho), _offset(q, sw, wo)
                 dxl[:, rows, columns] += np.einsum("nijcm,cm->nijc", dy_l, w_cm[:, :, p, q])  # (8)
         # (N, Hp, Wp, C) -> (N, H, W, C) -> (N, C, H, W)
-        # a view: conv2d_backward copies it into its rows of dx
-        dx = dxl[:, ph : ph + h, pw : pw + wd].transpose(0, 3, 1, 2)  # (8)
+        # (N, H, W, C) -> (N, C, H, W), into ``out`` or a new array
+        dx = _contiguous(dxl[:, ph : ph + h, pw : pw + wd].transpose(0, 3, 1, 2), out)  # (8)
     return dx, dw
 
 
