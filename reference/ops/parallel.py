@@ -64,9 +64,12 @@ def batch_parts(n: int, *, elements: int | None = None, macs: int | None = None)
     the calling thread, since cutting it and waking threads would cost more than it saves.
     A function of the shapes only, never of the thread count.
     """
-    sizes = [(elements, MIN_ELEMENTS), (macs, MIN_MACS)]
-    small = any(m is not None for m, _ in sizes) and all(m is None or m < bound for m, bound in sizes)
+    small = (elements is not None or macs is not None) and (
+        (elements is None or elements < MIN_ELEMENTS) and (macs is None or macs < MIN_MACS)
+    )
     count = 1 if small else max(1, min(MAX_PARTS, n // MIN_ROWS))
+    if count == 1:
+        return [slice(0, n)]
     bounds = [n * i // count for i in range(count + 1)]
     return [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
 
@@ -171,6 +174,8 @@ def run_parts(fn: Callable[[Any], T], items: Sequence[Any], *, blas: bool = True
     ``blas=False`` says ``fn`` calls no BLAS, which is then left as it is (holding it to one
     thread and back costs about 30 microseconds).
     """
+    if len(items) == 1:  # one part: a plain call (most ops of a small network)
+        return [fn(items[0])]
     size = min(len(items), threads())
     if size <= 1 or getattr(_local, "inside", False) or not _busy.acquire(blocking=False):
         return [fn(item) for item in items]
