@@ -1,6 +1,6 @@
 """One op's work cut along the batch axis and run on several cores at once.
 
-A training step's large kernels (convolution, batch norm, ReLU) treat the ``N``
+A training step's large kernels (convolution, batch norm, ReLU, add) treat the ``N``
 samples of a batch alike, so each can run on parts of the batch side by side:
 the parts' outputs are rows of the output, and a gradient summed over the
 batch (a weight's, a per-channel statistic) is the sum of the parts' sums.
@@ -13,10 +13,11 @@ is held to one thread (each part's GEMM runs on the thread that calls it).
 
 Two rules keep the arithmetic the reader sees unchanged:
 
-- **The cut depends on the batch size alone** (:func:`batch_parts`), never
-  on the number of threads: the same parts are computed, and their partial
-  sums added in the same order, on one thread or eight, so the results are the
-  same bits whatever ``LEARNSPARSE_THREADS`` says.
+- **The cut depends on the shapes alone** (:func:`batch_parts`: the batch
+  size, and whether the op is large enough to gain), never on the number of
+  threads: the same parts are computed, and their partial sums added in the
+  same order, on one thread or eight, so the results are the same bits
+  whatever ``LEARNSPARSE_THREADS`` says.
 - **A part is computed by the same code as a whole batch**: the kernels call
   their one-batch functions on each part; nothing here knows any equation.
 
