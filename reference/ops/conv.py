@@ -68,6 +68,8 @@ decided by the shape alone, in :func:`conv2d_forward`:
   of ``xf``, where (10) read as written is kh kw GEMMs of (O, T) by (T, C),
   two tiny dimensions and a long one: on 32 samples of ResNet-20's first
   stage those took 4.3 ms, (12) adds 2.5 ms to the gather and GEMM of (11).
+  A one-channel input (a grayscale stem) keeps (10), whose GEMMs then have a
+  single column and cost less than the gather.
 
   The price is computing (9) and (11) at the Hp Wp - Ho Wo cropped positions
   too, hence the 1.6 bound: 8x8 padded to 10x10 (56 % more GEMM work) still
