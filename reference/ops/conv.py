@@ -115,7 +115,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from reference.caches import Conv2dCache, grad_flags
 from reference.contracts import conv2d_geometry
 
-from .parallel import batch_parts, run_parts
+from .parallel import batch_parts, run_parts, sum_in_order
 
 __all__ = ["conv2d_forward", "conv2d_backward"]
 
@@ -224,8 +224,8 @@ def conv2d_backward(dy, cache: Conv2dCache):
         return dw_part, dy[rows].sum(axis=(0, 2, 3)) if need_b else None  # (3)
 
     sums = run_parts(part, parts)
-    dw = _total([dw_part for dw_part, _ in sums]) if need_w else None  # (4)
-    db = _total([db_part for _, db_part in sums]) if need_b else None  # (3)
+    dw = sum_in_order([dw_part for dw_part, _ in sums]) if need_w else None  # (4)
+    db = sum_in_order([db_part for _, db_part in sums]) if need_b else None  # (3)
     return dx, dw, db
 
 
@@ -235,14 +235,6 @@ def _contiguous(view: np.ndarray, out: np.ndarray | None) -> np.ndarray:
         return np.ascontiguousarray(view)
     np.copyto(out, view)
     return out
-
-
-def _total(parts: list[np.ndarray]) -> np.ndarray:
-    """The parts' sum, added left to right (the same order whatever the thread count)."""
-    total = parts[0]
-    for term in parts[1:]:
-        total = total + term
-    return total
 
 
 # ---------------------------------------------------------------- general path

@@ -73,7 +73,7 @@ from reference.caches import BatchNormCache, grad_flags
 from reference.contracts import batch_norm_channels
 from reference.errors import ShapeError
 
-from .parallel import batch_parts, run_parts
+from .parallel import batch_parts, run_parts, sum_in_order
 
 __all__ = ["batch_norm_forward", "batch_norm_backward"]
 
@@ -119,16 +119,6 @@ def _channel_dot(u: np.ndarray, v: np.ndarray, axes: tuple[int, ...]) -> np.ndar
     return per_row.sum(axis=0, dtype=_ACC)  # (N, C) -> (C,)
 
 
-def _added(parts: list) -> np.ndarray | None:
-    """Per-part float64 sums added left to right (the parts' order, whatever the thread count)."""
-    if parts[0] is None:
-        return None
-    total = parts[0]
-    for term in parts[1:]:
-        total = total + term
-    return total
-
-
 def batch_norm_forward(
     x: np.ndarray,
     gamma: np.ndarray | None,
@@ -159,14 +149,14 @@ def batch_norm_forward(
             raise ShapeError(
                 f"batch_norm in training mode needs at least one entry per channel, got {tuple(x.shape)}"
             )
-        total = _added(run_parts(lambda rows: _channel_sum(x[rows], axes), parts, blas=False))
+        total = sum_in_order(run_parts(lambda rows: _channel_sum(x[rows], axes), parts, blas=False))
         mean = (total / count).astype(dtype)  # (1)
 
         def centre(rows: slice) -> np.ndarray:
             np.subtract(x[rows], _per_channel(mean, x.ndim), out=xhat[rows])
             return _channel_dot(xhat[rows], xhat[rows], axes)  # (2), second pass
 
-        var64 = _added(run_parts(centre, parts, blas=False)) / count  # (2)
+        var64 = sum_in_order(run_parts(centre, parts, blas=False)) / count  # (2)
         var = var64.astype(dtype)
         inv_std = (1.0 / np.sqrt(var64 + eps)).astype(dtype)  # (3)
     else:
@@ -210,8 +200,8 @@ def batch_norm_backward(dy: np.ndarray, cache: BatchNormCache):
         return dbeta_part, dgamma_part
 
     partial = run_parts(sums, parts, blas=False) if need_dbeta or xhat is not None else [(None, None)]
-    dbeta64 = _added([b for b, _ in partial])
-    dgamma64 = _added([g for _, g in partial])
+    dbeta64 = sum_in_order([b for b, _ in partial])
+    dgamma64 = sum_in_order([g for _, g in partial])
     dx = None
     if x_dtype is not None:
         scale = inv_std if gamma is None else gamma.astype(dtype, copy=False) * inv_std  # gamma s, (8)

@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 
 from reference.errors import ConfigError
 
-__all__ = ["batch_parts", "threads", "run_parts"]
+__all__ = ["batch_parts", "threads", "run_parts", "sum_in_order"]
 
 T = TypeVar("T")
 
@@ -73,6 +73,17 @@ def batch_parts(n: int, *, elements: int | None = None, macs: int | None = None)
         return [slice(0, n)]
     bounds = [n * i // count for i in range(count + 1)]
     return [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+
+
+def sum_in_order(parts: list) -> Any:
+    """The parts' partial sums added left to right: the same order, so the same bits, on any
+    thread count. None when the parts computed none."""
+    if parts[0] is None:
+        return None
+    total = parts[0]
+    for term in parts[1:]:
+        total = total + term
+    return total
 
 
 def threads() -> int:
