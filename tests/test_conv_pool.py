@@ -4,6 +4,8 @@ general path, dtypes and argument errors."""
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from reference.caches import Conv2dCache
 from reference.contracts import conv2d_geometry
@@ -131,10 +133,47 @@ def test_channels_last_depthwise_path_equals_general_path(multiplier, stride, pa
     _assert_paths_agree(x, w, rng.standard_normal(c * multiplier), stride, padding, c, "depthwise-cl")
 
 
-def test_small_padded_convs_keep_the_general_path():
-    # the padded 7x7 grid is 1.96x the 5x5 output grid: computing over it would waste too much
-    y, cache = conv2d_forward(np.ones((1, 2, 5, 5)), np.ones((2, 2, 3, 3)), padding=1)
-    assert cache.path == "general"
+@st.composite
+def _shift_geometries(draw):
+    """A stride-1 conv the shift path takes: any kernel but 1x1, any padding up to kh - 1, kw - 1."""
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    if kh == kw == 1:
+        kw = 2
+    ph, pw = draw(st.integers(0, kh - 1)), draw(st.integers(0, kw - 1))
+    h = draw(st.integers(max(1, kh - 2 * ph), 7))
+    wd = draw(st.integers(max(1, kw - 2 * pw), 7))
+    n, c, o = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    return (n, c, h, wd), (o, c, kh, kw), (ph, pw), draw(st.sampled_from([5, 64]))
+
+
+@given(_shift_geometries(), st.integers(0, 2**32 - 1))
+def test_shift_path_equals_general_path_on_any_geometry(geometry, seed):
+    """The shared-border grid against the general path: every kernel, padding and image size,
+    with GEMM blocks small enough that a block boundary falls inside an image, a row and a window."""
+    x_shape, w_shape, padding, chunk = geometry
+    rng = np.random.default_rng(seed)
+    x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(conv_ops, "_CHUNK_COLUMNS", chunk)
+        _assert_paths_agree(x, w, rng.standard_normal(w_shape[0]), 1, padding, 1, "shift")
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_tiny_grids_take_the_shift_path(size):
+    # an output grid of 1x1 .. 3x3 padded by one: most of the shared grid holds no output
+    rng = np.random.default_rng(size)
+    x = rng.standard_normal((3, 4, size, size))
+    _assert_paths_agree(x, rng.standard_normal((5, 4, 3, 3)), rng.standard_normal(5), 1, 1, 1, "shift")
+
+
+@pytest.mark.parametrize("padding", [3, (0, 3)])
+def test_padding_past_the_kernel_keeps_the_general_path(padding):
+    # a border wider than kh - 1 puts output rows (or columns) outside the image's rows of the shared grid
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 5, 6))
+    _assert_paths_agree(
+        x, rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4), 1, padding, 1, "general"
+    )
 
 
 @pytest.mark.parametrize("padding", [0, 1, 2, (2, 0)])

@@ -38,24 +38,34 @@ decided by the shape alone, in :func:`conv2d_forward`:
 
 - pointwise (1x1, G = 1): ``X[n]`` is ``xp[n, :, ::sh, ::sw]`` as (C, Ho Wo),
   no window gather; (5) writes ``dX[n]`` back to ``dxp[n, :, ::sh, ::sw]``.
-- shift (G = 1, stride 1, and the padded grid ``Hp Wp`` at most 1.6 times the
-  output grid ``Ho Wo``; every stride-1 3x3 conv of ResNet-20): lay ``xp`` out
-  channel-major and flatten it, ``xf[c, t]`` with ``t = n Hp Wp + i' Wp + j'``
-  (T = N Hp Wp positions). Window offset (p, q) is then a shift of ``t`` by
-  ``s_pq = p Wp + q``, so (1) holds at every ``t`` of the padded grid, and the
-  valid outputs are those with ``i < Ho, j < Wo``::
+- shift (G = 1, stride 1, ``ph <= kh - 1`` and ``pw <= kw - 1``; every
+  stride-1 3x3 conv of ResNet-20 and ResNet-50): lay ``x`` out channel-major on one flat grid on which
+  neighbouring rows and images share their zero borders. Each row is ``pw``
+  zeros then the row's ``W`` entries (``Wr = W + pw`` positions), each image
+  its ``H`` rows then ``ph`` rows of zeros (``Hr = H + ph`` rows), and the
+  first image has ``ph`` zero rows above it::
 
-      yf[o, t] = sum_{c, p, q} w[o,c,p,q] xf[c, t + s_pq],   y[n,o,i,j] = yf[o, n Hp Wp + i Wp + j]  (9)
+      xf[c, (ph + n Hr + r) Wr + pw + s] = x[n, c, r, s]   (zero at every other position)
+
+  A window's left border is then the zeros that open its own row, its right
+  border those that open the next row, its top border the zero rows below the
+  image above: with output (n, i, j) at ``t = (n Hr + i) Wr + j``, window
+  offset (p, q) is a shift of ``t`` by ``s_pq = p Wr + q``, so (1) holds at
+  every ``t`` of the grid, and the valid outputs are those with ``i < Ho,
+  j < Wo``::
+
+      yf[o, t] = sum_{c, p, q} w[o,c,p,q] xf[c, t + s_pq],   y[n,o,i,j] = yf[o, (n Hr + i) Wr + j]  (9)
 
   Each column block of X in (2) is kh kw contiguous slices of ``xf`` (a
   memcpy, not a window gather) and Y is one 2-D GEMM per block of
   ``_CHUNK_COLUMNS`` positions; the blocks stay in cache and are gathered
-  again in the backward for (11), so the cache holds ``xp`` (not the kh kw times larger
-  X). (4) is the same with ``dyf``, ``dy`` placed on the padded grid with zeros
-  at the cropped positions; (6) in flat form reads ``dyf`` at ``t - s_pq``::
+  again in the backward for (11), so the cache holds ``x`` (not the kh kw times larger
+  X). (4) is the same with ``dyf``, ``dy`` placed at the output positions
+  of the grid with zeros everywhere else; (6) in flat form reads ``dyf`` at
+  ``t - s_pq``, and ``dx`` is read off the input positions of ``dxf``::
 
       dw[o,c,p,q] = sum_t dyf[o, t] xf[c, t + s_pq]                                            (10)
-      dxf[c, t] = sum_{o, p, q} w[o,c,p,q] dyf[o, t - s_pq],   dx = dxf at i' = a + ph, j' = b + pw   (11)
+      dxf[c, t] = sum_{o, p, q} w[o,c,p,q] dyf[o, t - s_pq],   dx[n,c,r,s] = dxf[c, (ph + n Hr + r) Wr + pw + s]  (11)
 
   Both gradients come off one gather per block: the columns of ``dyf`` read
   at ``t - s_pq`` (the flipped tap), which (11) multiplies by the flipped
@@ -71,11 +81,16 @@ decided by the shape alone, in :func:`conv2d_forward`:
   A one-channel input (a grayscale stem) keeps (10), whose GEMMs then have a
   single column and cost less than the gather.
 
-  The price is computing (9) and (11) at the Hp Wp - Ho Wo cropped positions
-  too, hence the 1.6 bound: 8x8 padded to 10x10 (56 % more GEMM work) still
-  measured faster in the training step than the general path's kh kw times
-  larger X, which a fresh step must fault in. Smaller images (4x4 padded to 6x6 would
-  waste 125 %) keep the general path; that cut-off is a judgement, not a measurement.
+  The price is computing (9) and (11) at the ``Hr Wr - Ho Wo`` positions of
+  each image that hold no output (for a 3x3 conv padded by 1, its row and
+  column of shared zeros: 27 % more GEMM work at 8x8, 13 % at 16x16, 6 % at
+  32x32; padding each image on its own, as an earlier version did, wasted
+  56 %, 27 % and 13 %). Even on tiny grids this beats the general path, whose
+  backward forms a weight gradient per sample: on one core, 32 samples of 64
+  channels at 3x3 took 1.5 against 2.4 ms forward and backward, at 1x1 0.4
+  against 1.7 ms (128 samples of 256 channels at 1x1: 27 against 133 ms).
+  ``ph <= kh - 1`` keeps every output row inside its image's ``Hr`` rows
+  (likewise the columns); a larger padding takes the general path.
 - depthwise (G = C > 1, O = C m for a channel multiplier m): with Cg = 1 the
   GEMM in (2) degenerates, so (1) runs as a multiply-accumulate over the kh kw
   offsets of strided views of ``xp``, and (4), (5) as::
@@ -162,12 +177,12 @@ def _path(x_shape, w_shape, stride, padding, groups, out_hw) -> str:
     """Which algorithm serves this geometry (the shape alone decides; see the module docstring)."""
     n_out, c_in_group, kh, kw = w_shape
     channels = x_shape[1]
-    padded_grid = (x_shape[2] + 2 * padding[0]) * (x_shape[3] + 2 * padding[1])
+    (ph, pw), wo = padding, out_hw[1]
     if kh == kw == 1 and groups == 1:
         return "pointwise"
     if groups == channels > 1 and c_in_group == 1:
-        return "depthwise-cl" if channels >= 4 * out_hw[1] else "depthwise"
-    if groups == 1 and stride == (1, 1) and padded_grid <= 1.6 * out_hw[0] * out_hw[1]:
+        return "depthwise-cl" if channels >= 4 * wo else "depthwise"
+    if groups == 1 and stride == (1, 1) and ph <= kh - 1 and pw <= kw - 1:
         return "shift"
     return "general"
 
@@ -318,13 +333,16 @@ def _dx_col2im(dy_g, w, cache: Conv2dCache, out_hw):
 _CHUNK_COLUMNS = 4096  # positions t per GEMM block: its columns (C kh kw x 4096) stay in cache
 
 
-def _channel_major(x, ph, pw):
-    """``x`` (N, C, H, W) -> ``xp`` as (C, N, H + 2 ph, W + 2 pw), zero-bordered, in one copy."""
+def _shared_grid(x, ph, pw, tail):
+    """``x`` (N, C, H, W) -> ``xf`` of (9), (C, (ph + N Hr) Wr + tail): channel-major, the zero
+    borders shared by neighbouring rows and images, ``tail`` zeros at the end; one copy."""
     n, c, h, wd = x.shape
-    xc = np.zeros((c, n, h + 2 * ph, wd + 2 * pw), dtype=x.dtype)
-    # (N, C, H, W) -> (C, N, H, W), written into the interior
-    xc[:, :, ph : ph + h, pw : pw + wd] = x.transpose(1, 0, 2, 3)
-    return xc
+    hr, wr = h + ph, wd + pw
+    xf = np.zeros((c, (ph + n * hr) * wr + tail), dtype=x.dtype)
+    # the images' rows: (C, N*Hr*Wr) -> (C, N, Hr, Wr), x written at rows < H, columns >= pw
+    grid = xf[:, ph * wr : (ph + n * hr) * wr].reshape(c, n, hr, wr)
+    grid[:, :, :h, pw:] = x.transpose(1, 0, 2, 3)  # (N, C, H, W) -> (C, N, H, W)
+    return xf
 
 
 def _flat_columns(src, offsets, t0, width, buffer):
@@ -339,18 +357,16 @@ def _flat_columns(src, offsets, t0, width, buffer):
 
 
 def _forward_shift(x, w, stride, padding, groups, out_hw, out=None):
-    n, c = x.shape[:2]
+    n, c, h, wd = x.shape
     n_out, _, kh, kw = w.shape
     (ph, pw), (ho, wo) = padding, out_hw
-    xc = _channel_major(x, ph, pw)
-    hp, wp = xc.shape[2:]
-    # (C, N, Hp, Wp) -> (C, T), T = N*Hp*Wp; window offset (p, q) is a shift by p*Wp + q
-    xf = xc.reshape(c, -1)
-    offsets = [p * wp + q for p in range(kh) for q in range(kw)]
-    span = xf.shape[1] - offsets[-1]  # every t < span has its whole window inside xf, every valid t is < span
+    hr, wr = h + ph, wd + pw
+    offsets = [p * wr + q for p in range(kh) for q in range(kw)]  # s_pq of (9)
+    span = n * hr * wr  # output positions t = (n Hr + i) Wr + j; (9) reads xf up to t + s_pq
+    xf = _shared_grid(x, ph, pw, tail=offsets[-1] - ph * wr)  # (C, span + s_max)
     # (O, C, kh, kw) -> (O, C*kh*kw)
     w_m = w.reshape(n_out, -1)
-    y = np.empty((n_out, xf.shape[1]), dtype=x.dtype)  # (1) at every t of the padded grid
+    y = np.empty((n_out, span), dtype=x.dtype)  # (9) at every t of the grid
     buffer = np.empty(c * len(offsets) * min(_CHUNK_COLUMNS, span), dtype=x.dtype)
     for t0 in range(0, span, _CHUNK_COLUMNS):
         width = min(_CHUNK_COLUMNS, span - t0)
@@ -358,8 +374,8 @@ def _forward_shift(x, w, stride, padding, groups, out_hw, out=None):
         # (C, kh*kw, width) -> (C*kh*kw, width)
         np.matmul(w_m, cols.reshape(-1, width), out=y[:, t0 : t0 + width])  # (9)
     out = _output(out, (n, n_out, ho, wo), x.dtype)
-    # (O, T) -> (O, N, Hp, Wp) -> cropped (O, N, Ho, Wo) -> (N, O, Ho, Wo)
-    np.copyto(out, y.reshape(n_out, n, hp, wp)[:, :, :ho, :wo].transpose(1, 0, 2, 3))
+    # (O, T) -> (O, N, Hr, Wr) -> the outputs (O, N, Ho, Wo) -> (N, O, Ho, Wo)
+    np.copyto(out, y.reshape(n_out, n, hr, wr)[:, :, :ho, :wo].transpose(1, 0, 2, 3))
     return out
 
 
@@ -369,24 +385,25 @@ def _backward_shift(dy, cache: Conv2dCache, out=None):
     n_out, _, kh, kw = cache.w_shape
     ph, pw = cache.padding
     ho, wo = dy.shape[2:]
-    hp, wp = h + 2 * ph, wd + 2 * pw
-    offsets = [p * wp + q for p in range(kh) for q in range(kw)]
-    t_all, lead = n * hp * wp, offsets[-1]
-    # dyf of (10): dy on the padded grid, zero at the cropped positions, after ``lead`` zeros
-    # so that (11) can read it at t - s_pq >= -lead: (O, lead + T)
-    dy_f = np.zeros((n_out, lead + t_all), dtype=dy.dtype)
-    grid = dy_f[:, lead:].reshape(n_out, n, hp, wp)
+    hr, wr = h + ph, wd + pw
+    offsets = [p * wr + q for p in range(kh) for q in range(kw)]
+    span, lead, top = n * hr * wr, offsets[-1], ph * wr
+    # dyf of (10): dy at its output positions t, zero elsewhere, after ``lead`` zeros so that (11)
+    # can read it at t - s_pq >= -lead, and long enough to be read at every input position of (11),
+    # which lie in [top, top + span): (O, lead + top + span)
+    dy_f = np.zeros((n_out, lead + top + span), dtype=dy.dtype)
+    grid = dy_f[:, lead : lead + span].reshape(n_out, n, hr, wr)
     grid[:, :, :ho, :wo] = dy.transpose(1, 0, 2, 3)
     # dw by (12), off the columns (11) gathers, except for a one-channel input (a grayscale stem):
     # there (10)'s GEMMs have one column and cost less than gathering kh kw O rows of columns
     # (62 against 157 microseconds for the digits CNN's first conv at batch 32). The choice
     # depends on the shape alone, so dw is the same whichever gradients are asked for.
     by_columns = need_w and c > 1
-    xf = _channel_major(cache.x, ph, pw).reshape(c, -1) if by_columns else None  # (C, T): xf of (9)
-    dx, dw = _shift_backward_blocks(dy_f, cache.w, xf, cache.x_shape, cache.w_shape, (ph, pw), offsets, out)
+    xf = _shared_grid(cache.x, ph, pw, tail=lead - top) if need_w else None  # xf of (9), rebuilt from x
+    dx, dw = _shift_backward_blocks(
+        dy_f, cache.w, xf if by_columns else None, cache.x_shape, cache.w_shape, (ph, pw), offsets, out
+    )
     if need_w and not by_columns:
-        xf = _channel_major(cache.x, ph, pw).reshape(c, -1)  # (C, T): xf of (9), rebuilt from x
-        span = t_all - lead
         dyf_valid = dy_f[:, lead : lead + span]  # (O, span): every t that can hold an output
         dw = np.empty((n_out, c, kh * kw), dtype=dy.dtype)
         for k, offset in enumerate(offsets):
@@ -400,7 +417,7 @@ def _backward_shift(dy, cache: Conv2dCache, out=None):
 def _shift_backward_blocks(dy_f, w, xf, x_shape, w_shape, padding, offsets, out=None):
     """``dx`` by (11) when ``w`` is given, ``dw`` by (12) when ``xf`` is: both off one gather.
 
-    Each block of ``_CHUNK_COLUMNS`` positions gathers the columns of ``dy_f``
+    Each block of ``_CHUNK_COLUMNS`` input positions gathers the columns of ``dy_f``
     read at ``t - s_pq`` once; (11) multiplies them by the flipped weight and
     (12) by the block of ``xf``. Returns ``(dx, dw)``, None for the one not asked.
     """
@@ -409,24 +426,24 @@ def _shift_backward_blocks(dy_f, w, xf, x_shape, w_shape, padding, offsets, out=
     n, c, h, wd = x_shape
     n_out, _, kh, kw = w_shape
     ph, pw = padding
-    hp, wp = h + 2 * ph, wd + 2 * pw
-    t_all = n * hp * wp
-    buffer = np.empty(n_out * len(offsets) * min(_CHUNK_COLUMNS, t_all), dtype=dy_f.dtype)
+    hr, wr = h + ph, wd + pw
+    span, top = n * hr * wr, ph * wr  # the input positions: [top, top + span)
+    buffer = np.empty(n_out * len(offsets) * min(_CHUNK_COLUMNS, span), dtype=dy_f.dtype)
     dx = g = w_t = None
     if w is not None:
         # (O, C, kh, kw) -> (C, O, kh, kw), flipped in space: (C, O*kh*kw)
         w_t = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(c, -1)
-        dx = np.empty((c, t_all), dtype=dy_f.dtype)  # dxf of (11) at every t of the padded grid
+        dx = np.empty((c, span), dtype=dy_f.dtype)  # dxf of (11) at the positions top .. top + span
     if xf is not None:
         g = np.zeros((n_out * kh * kw, c), dtype=dy_f.dtype)  # (12), summed over the blocks
-    for t0 in range(0, t_all, _CHUNK_COLUMNS):
-        width = min(_CHUNK_COLUMNS, t_all - t0)
+    for t0 in range(top, top + span, _CHUNK_COLUMNS):
+        width = min(_CHUNK_COLUMNS, top + span - t0)
         # offset k = (p, q) reads dy_f at t + s_pq - lead = t - s_(kh-1-p)(kw-1-q): the flipped tap
         cols = _flat_columns(dy_f, offsets, t0, width, buffer)  # (11), (12)
         # (O, kh*kw, width) -> (O*kh*kw, width)
         cols = cols.reshape(-1, width)
         if dx is not None:
-            np.matmul(w_t, cols, out=dx[:, t0 : t0 + width])  # (11)
+            np.matmul(w_t, cols, out=dx[:, t0 - top : t0 - top + width])  # (11)
         if g is not None:
             # (O*kh*kw, width) times (C, width) transposed. np.dot, not matmul: NumPy's matmul keeps
             # the interpreter lock for a transposed operand (two threads ran it no faster than one)
@@ -436,10 +453,9 @@ def _shift_backward_blocks(dy_f, w, xf, x_shape, w_shape, padding, offsets, out=
         # (O*kh*kw, C) -> (O, kh, kw, C), the taps flipped back -> (O, C, kh, kw)
         dw = np.ascontiguousarray(g.reshape(n_out, kh, kw, c)[:, ::-1, ::-1].transpose(0, 3, 1, 2))  # (12)
     if dx is not None:
-        # (C, T) -> (C, N, Hp, Wp) -> (C, N, H, W) -> (N, C, H, W), into ``out`` or a new array
-        dx = _contiguous(
-            dx.reshape(c, n, hp, wp)[:, :, ph : ph + h, pw : pw + wd].transpose(1, 0, 2, 3), out
-        )  # (11)
+        # (C, N*Hr*Wr) -> (C, N, Hr, Wr) -> the input positions (C, N, H, W) -> (N, C, H, W),
+        # into ``out`` or a new array
+        dx = _contiguous(dx.reshape(c, n, hr, wr)[:, :, :h, pw:].transpose(1, 0, 2, 3), out)  # (11)
     return dx, dw
 
 
