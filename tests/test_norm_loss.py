@@ -71,7 +71,7 @@ def test_functional_batch_norm_leaves_running_stats_alone_in_eval(shape):
     np.testing.assert_allclose(y.data, gamma.reshape(bshape) * expected + beta.reshape(bshape), rtol=1e-12)
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", [*SHAPES, (3, 2, 8, 9)])  # rows of 10 and of 72 entries (see _SHORT_ROW)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_training_output_is_standardised_per_channel(shape, dtype):
     rng = _rng(3)
@@ -100,6 +100,32 @@ def test_training_backward_is_orthogonal_to_per_channel_constants(shape):
     np.testing.assert_allclose(dx.sum(axis=_axes(x)), 0.0, atol=1e-12)
     assert d_rm is None and d_rv is None
     assert dgamma.shape == dbeta.shape == (c,)
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 2, 2), (5, 3, 4, 4), (5, 3, 9, 8)])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("training", [True, False])
+def test_short_and_long_rows_give_one_batch_norm(monkeypatch, shape, dtype, training):
+    """Per-channel sums down the batch first (short rows) or along each row first, and per-channel
+    vectors repeated over the row or broadcast: the same batch norm, forward and backward, either
+    way (to rounding: the sums are added in another order)."""
+    from reference.ops import norm
+
+    rng = _rng(15)
+    c = shape[1]
+    x = (3.0 * rng.standard_normal(shape) + 10.0).astype(dtype)
+    g, b = rng.standard_normal(c).astype(dtype), rng.standard_normal(c).astype(dtype)
+    rm, rv = rng.standard_normal(c).astype(dtype), rng.uniform(0.5, 2.0, c).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    results = []
+    for short_row in (0, 10**6):  # every row long, every row short
+        monkeypatch.setattr(norm, "_SHORT_ROW", short_row)
+        y, cache = batch_norm_forward(x, g, b, rm, rv, training=training)
+        results.append((y, cache.mean, cache.var, *batch_norm_backward(dy, cache)[:3]))
+    tol = 1e-12 if dtype == np.float64 else 2e-5
+    for long_rows, short_rows in zip(*results):
+        assert long_rows.dtype == short_rows.dtype == dtype
+        np.testing.assert_allclose(short_rows, long_rows, rtol=tol, atol=tol)
 
 
 def test_batch_norm_all_ones_cotangent_gives_zero_dx():
