@@ -84,7 +84,9 @@ def test_masked_running_statistics_equal_the_boolean_indexing_update(dtype, shap
 # The target-sparsity controller
 
 
-def _controller_by_hand(measured, progress, *, target, strength0, ramp_end, kp, ki, kd, max_step, limit):
+def _controller_by_hand(
+    measured, progress, *, target, strength0, ramp_end, kp, ki, kd, max_step, limit, unwind
+):
     """Equations (1)-(6) of reference.sparsity.control, from their statement, one update per entry."""
     u_max = math.asinh(limit * math.sinh(1.0))
     u, integral, previous = 1.0, 0.0, None
@@ -93,7 +95,11 @@ def _controller_by_hand(measured, progress, *, target, strength0, ramp_end, kp, 
         x = min(max(p / ramp_end, 0.0), 1.0)
         r = target * (1.0 - (1.0 - x) ** 3)  # (1)
         e = math.log((1.0 - s + DENSITY_FLOOR) / (1.0 - r + DENSITY_FLOOR))  # (2)
-        candidate = min(max(integral + ki * e, -u_max), u_max)  # (3)
+        unwinding = integral * e < 0  # (3): back toward 0 at unwind times the rate, and no further
+        candidate = integral + ki * (unwind if unwinding else 1.0) * e
+        if unwinding and candidate * integral < 0:
+            candidate = 0.0
+        candidate = min(max(candidate, -u_max), u_max)  # (3)
         d = 0.0 if previous is None else e - previous
         goal = 1.0 + kp * e + candidate + kd * d  # (4)
         floor = -max_step if u <= 1.0 + max_step else 1.0 - u  # a strength above its start falls to it
@@ -105,13 +111,30 @@ def _controller_by_hand(measured, progress, *, target, strength0, ramp_end, kp, 
     return out
 
 
-SETTINGS = {"ramp_end": 0.5, "kp": 5.0, "ki": 0.3, "kd": 200.0, "max_step": 0.2, "limit": 30.0}
+SETTINGS = {
+    "ramp_end": 0.5,
+    "kp": 5.0,
+    "ki": 0.3,
+    "kd": 200.0,
+    "max_step": 0.2,
+    "limit": 30.0,
+    "unwind": 10.0,
+}
 
 
-def _measurements(n=60):
-    """Too dense, then far too sparse, then near the ramp: the rate limit, both bounds and free steps."""
+def _measurements(n=110):
+    """Too dense, then far too sparse, then near the ramp, then a little short of it and a little
+    past it: the rate limit, both bounds, free steps, an integral wound up and wound back toward 0."""
     rng = np.random.default_rng(5)
-    measured = np.concatenate([np.full(20, 0.05), np.full(20, 0.999), rng.uniform(0.3, 0.7, n - 40)])
+    measured = np.concatenate(
+        [
+            np.full(20, 0.05),
+            np.full(20, 0.999),
+            rng.uniform(0.3, 0.7, 20),
+            np.full(30, 0.78),
+            np.full(n - 90, 0.805),
+        ]
+    )
     return [float(v) for v in measured], [i / n for i in range(1, n + 1)]
 
 
@@ -121,7 +144,7 @@ def test_controller_takes_the_decisions_of_the_equations(kind):
     measured, progress = _measurements()
     expected = _controller_by_hand(measured, progress, target=0.8, strength0=2e-4, **SETTINGS)
     controller = TargetController(0.8, 2e-4, **SETTINGS)
-    hit_rate_limit = hit_bound = fell_fast = held_integral = False
+    hit_rate_limit = hit_bound = fell_fast = held_integral = unwound = False
     for m, p, (u, integral, e, strength) in zip(measured, progress, expected):
         value = np.asarray(m, dtype=np.float64) if kind == "array" else m
         before, integral_before = float(controller.u), float(controller.integral)
@@ -134,8 +157,10 @@ def test_controller_takes_the_decisions_of_the_equations(kind):
         hit_bound |= abs(u) == pytest.approx(math.asinh(SETTINGS["limit"] * math.sinh(1.0)))
         fell_fast |= before - float(controller.u) > SETTINGS["max_step"] * 1.5 and u == pytest.approx(1.0)
         held_integral |= abs(e) > 0.1 and float(controller.integral) == integral_before
+        unwound |= integral_before * e < 0 and 0.0 != float(controller.integral) != integral_before
     assert hit_rate_limit and hit_bound, "the sequence must reach the rate limit and a bound"
     assert fell_fast and held_integral, "the sequence must fall back to the start and hold the integral"
+    assert unwound, "the sequence must wind the integral back toward 0"
     assert controller.updates == len(measured)
     assert controller.ramp(1.0) == cubic_ramp(1.0, 0.8, SETTINGS["ramp_end"])
 

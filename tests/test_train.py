@@ -258,10 +258,11 @@ QUICKSTART_STR = {"method": "str", "target_sparsity": 0.9, "label_smoothing": 0.
 
 
 def test_quickstart_str_run_is_90_percent_sparse_within_a_point_of_dense(tmp_path):
-    """STR on digits: >= 90 % of the conv+fc weights zero, test accuracy within 1 point of dense."""
+    """STR on digits: 90 % of the conv+fc weights zero to within half a point either way (the
+    controller lands on the target, not past it), test accuracy within 1 point of dense."""
     dense = train(TrainConfig(run_dir=str(tmp_path / "dense"), progress=False), log=quiet)
     sparse = train(TrainConfig(run_dir=str(tmp_path / "str"), progress=False, **QUICKSTART_STR), log=quiet)
-    assert sparse.metrics["sparsity"] >= 0.90, sparse.history[-1]
+    assert abs(sparse.metrics["sparsity"] - 0.90) <= 0.005, sparse.history[-1]
     assert sparse.metrics["test_acc"] >= dense.metrics["test_acc"] - 0.01, (dense.metrics, sparse.metrics)
 
 

@@ -26,13 +26,15 @@ weights, an error of log 2; around 50 % it is the absolute error up to a factor 
 The control law, on a signed log-strength ``u``, with ``e_prev`` the previous
 update's error::
 
-    I'   = clip(I + ki * e, -u_max, u_max)                                   (3)
+    I'   = clip(I + ki * m * e, -u_max, u_max),  m = unwind if I e < 0 else 1 (3)
     goal = 1 + kp * e + I' + kd * (e - e_prev)                                (4)
     step = clip(goal - u, min(-max_step, 1 - u), max_step)                    (5)
     u    = clip(u + step, -u_max, u_max)
     I    = I if step != goal - u else I'                                      (5a)
     strength = strength0 * sinh(u) / sinh(1)                                  (6)
 
+(3): the integral moves ``unwind`` (default 10) times faster back toward 0
+than away from it, and an unwinding integral stops at 0 rather than cross it.
 ``u`` starts at 1 (``strength = strength0``) and ``u_max = asinh(limit sinh(1))``
 bounds ``|strength|`` by ``limit * strength0``. The step (5) rises by at most
 ``max_step``; it falls by at most ``max_step`` too, except that a strength above
@@ -79,6 +81,17 @@ targets 0.5 / 0.8 / 0.9; both methods end within about one point of the target):
   at 91 % (61 % test accuracy): the push kept rising for as long as it had
   risen. With (5a) the integral holds only what the free steps needed, and
   once the sparsity runs, the strength returns to its start in one update.
+- Unwinding (3), against overshoot: while the sparsity lags behind the ramp
+  (STR's first epochs) the integral winds up, and at the plain rate it took
+  longer to wind down than the run had left: a 5-epoch ResNet-20 run asked for
+  80 % crossed the target with the integral at 3.9 and, still pushed at 15
+  times the starting strength, crept on to 82.2 %. Unwinding ten times faster
+  lands that run at 81.7 %, the 3-epoch one at 80.6 % (was 81.6 %), and the
+  digits CNN's 15-epoch runs within 0.6 points of 50, 80 and 90 % for STR
+  (was up to 1.8 points over) and 0.1 for LTP, at equal or better accuracy.
+  Stopping at 0 matters: crossing it at the faster rate, the integral jumped
+  from -0.002 to +2.7 in the update where a short run's sparsity started to
+  run, and the run ended at 86 %.
 - Cheap: the measurement is one comparison per weight (``|W| <= g`` for STR,
   ``W^2 <= tau`` for LTP) after each step; the rest is a few float operations.
 - On the device, every step, with no read: on the GPU the measurement (a count
@@ -185,6 +198,8 @@ class TargetController:
         max_step: the largest change of ``u`` in one update (5).
         limit: ``|strength|`` stays at most ``limit * strength0``.
         every: update after every ``every``-th optimizer step.
+        unwind: how many times faster the integral moves back toward 0 than
+            away from it (3); 1 is the plain integral.
     """
 
     def __init__(
@@ -199,6 +214,7 @@ class TargetController:
         max_step: float = 0.2,
         limit: float = 1e4,
         every: int = 1,
+        unwind: float = 10.0,
     ) -> None:
         checks = (
             (isinstance(target, (int, float)) and 0.0 <= target < 1.0, "target", "in [0, 1)"),
@@ -208,6 +224,7 @@ class TargetController:
             (max_step > 0, "max_step", "positive"),
             (limit >= 1, "limit", "at least 1"),
             (isinstance(every, int) and every >= 1, "every", "a positive integer"),
+            (unwind >= 1, "unwind", "at least 1"),
         )
         for ok, name, expected in checks:
             if not ok:
@@ -219,6 +236,7 @@ class TargetController:
         self.max_step = float(max_step)
         self.u_max = math.asinh(limit * math.sinh(1.0))
         self.every = every
+        self.unwind = float(unwind)
         # state
         self.u = 1.0  # (6): strength0 at the start
         self.integral = 0.0  # I of (3)
@@ -269,7 +287,11 @@ class TargetController:
         """
         wanted = self.ramp(progress)
         error = _log((1.0 - measured + DENSITY_FLOOR) / (1.0 - wanted + DENSITY_FLOOR))  # (2)
-        integral = _clip(self.integral + self.ki * error, -self.u_max, self.u_max)  # (3)
+        unwinding = self.integral * error < 0  # the error pulls the integral back toward 0
+        integral = self.integral + self.ki * _select(unwinding, self.unwind, 1.0) * error  # (3)
+        # (3): an unwinding integral stops at 0 rather than cross it at the faster rate
+        integral = _select(unwinding & (integral * self.integral < 0), 0.0, integral)
+        integral = _clip(integral, -self.u_max, self.u_max)  # (3)
         change = 0.0 if self.updates == 0 else error - self.error
         goal = 1.0 + self.kp * error + integral + self.kd * change  # (4)
         wanted_step = goal - self.u
