@@ -158,6 +158,41 @@ def test_shift_path_equals_general_path_on_any_geometry(geometry, seed):
         _assert_paths_agree(x, w, rng.standard_normal(w_shape[0]), 1, padding, 1, "shift")
 
 
+@st.composite
+def _depthwise_geometries(draw):
+    """A depthwise conv: any kernel, stride 1 or 2, padding up to the kernel and one past it,
+    channel multiplier 1 or 2, and enough channels for either depthwise path."""
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    ph, pw = draw(st.integers(0, kh)), draw(st.integers(0, kw))
+    stride = draw(st.sampled_from([1, 2]))
+    h = draw(st.integers(max(1, kh - 2 * ph), 7))
+    wd = draw(st.integers(max(1, kw - 2 * pw), 7))
+    c = draw(st.sampled_from([2, 3, 32]))  # 32 >= 4 Wo: the channels-last path
+    multiplier = draw(st.integers(1, 2))
+    return (draw(st.integers(1, 3)), c, h, wd), (c * multiplier, 1, kh, kw), stride, (ph, pw)
+
+
+@given(_depthwise_geometries(), st.integers(0, 2**32 - 1))
+def test_depthwise_paths_equal_the_general_path_on_any_geometry(geometry, seed):
+    """Both depthwise paths against the general grouped path; stride 1, m = 1 and padding within the
+    kernel take dx by (6) through the path's own forward, every other geometry the scatter of (8)."""
+    x_shape, w_shape, stride, padding = geometry
+    rng = np.random.default_rng(seed)
+    x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+    c, (kh, kw) = x_shape[1], w_shape[2:]
+    wo = (x_shape[3] + 2 * padding[1] - kw) // stride + 1
+    path = "depthwise-cl" if c >= 4 * wo else "depthwise"
+    routes = []
+    by_forward = conv_ops._dx_depthwise_by_forward
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            conv_ops, "_dx_depthwise_by_forward", lambda *a: routes.append(by_forward(*a)) or routes[-1]
+        )
+        _assert_paths_agree(x, w, rng.standard_normal(w_shape[0]), stride, padding, c, path)
+    takes_6 = stride == 1 and w_shape[0] == c and padding[0] <= kh - 1 and padding[1] <= kw - 1
+    assert routes and all((dx is not None) == takes_6 for dx in routes)
+
+
 @pytest.mark.parametrize("size", [1, 2, 3])
 def test_tiny_grids_take_the_shift_path(size):
     # an output grid of 1x1 .. 3x3 padded by one: most of the shared grid holds no output

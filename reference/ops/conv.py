@@ -98,6 +98,12 @@ decided by the shape alone, in :func:`conv2d_forward`:
       dw[c m + k, 0, p, q] = sum_{n,i,j} dy[n, c m + k, i, j] xp[n, c, i sh + p, j sw + q]        (7)
       dxp[n, c, i sh + p, j sw + q] += sum_k w[c m + k, 0, p, q] dy[n, c m + k, i, j]          (8)
 
+  For stride 1, one output channel per input channel (m = 1) and ``ph <= kh - 1``,
+  ``pw <= kw - 1``, (8) is (6) with a single channel per group: ``dx`` is this same path's
+  forward (1) of ``dy`` padded by ``(kh-1-ph, kw-1-pw)`` with the weight flipped in space, a
+  gather of each tap instead of a scatter-add into ``dxp`` (a third less time on MobileNetV1's
+  4x4 maps).
+
   In NCHW the innermost loop of each multiply-accumulate spans only Wo (2 to 4
   in MobileNet's deep layers), so when ``C >= 4 Wo`` the same loops run on
   channels-last copies (N, Hp, Wp, C) of ``xp`` and ``dy``, innermost over C
@@ -529,6 +535,19 @@ def _forward_depthwise(x, w, stride, padding, groups, out_hw, out=None):
     return out
 
 
+def _dx_depthwise_by_forward(dy, cache: Conv2dCache, out=None):
+    """``dx`` by (6) for a stride-1 depthwise conv with m = 1, through the path's own forward; None
+    where (6) does not apply (then (8) scatters). ``dx`` is (N, C, H, W), into ``out`` if given."""
+    n, c, h, wd = cache.x_shape
+    n_out, _, kh, kw = cache.w_shape
+    (ph, pw) = cache.padding
+    if cache.stride != (1, 1) or n_out != c or ph > kh - 1 or pw > kw - 1:
+        return None
+    w_flipped = np.ascontiguousarray(cache.w[:, :, ::-1, ::-1])  # (6): (C, 1, kh, kw) flipped in space
+    forward = _FORWARD[cache.path]
+    return forward(dy, w_flipped, (1, 1), (kh - 1 - ph, kw - 1 - pw), c, (h, wd), out=out)  # (6)
+
+
 def _backward_depthwise(dy, cache: Conv2dCache, out=None):
     need_x, need_w, _ = cache.needs
     n, c, h, wd = cache.x_shape
@@ -547,7 +566,8 @@ def _backward_depthwise(dy, cache: Conv2dCache, out=None):
                 dw[:, :, p, q] = np.einsum("ncmij,ncij->cm", dy_cm, x_pq)  # (7)
         # (C, m, kh, kw) -> (O, 1, kh, kw)
         dw = dw.reshape(cache.w_shape)
-    if need_x:
+    dx = _dx_depthwise_by_forward(dy, cache, out) if need_x else None  # (6)
+    if need_x and dx is None:
         # (O, 1, kh, kw) -> (C, m, kh, kw)
         w_cm = cache.w.reshape(c, n_out // c, kh, kw)
         dxp = np.zeros((n, c, h + 2 * ph, wd + 2 * pw), dtype=dy.dtype)
@@ -610,7 +630,8 @@ def _backward_depthwise_cl(dy, cache: Conv2dCache, out=None):
         del xl
         # (C, m, kh, kw) -> (O, 1, kh, kw)
         dw = dw.reshape(cache.w_shape)
-    if need_x:
+    dx = _dx_depthwise_by_forward(dy, cache, out) if need_x else None  # (6)
+    if need_x and dx is None:
         # (O, 1, kh, kw) -> (C, m, kh, kw)
         w_cm = cache.w.reshape(c, n_out // c, kh, kw)
         dxl = np.zeros((n, h + 2 * ph, wd + 2 * pw, c), dtype=dy.dtype)
