@@ -183,10 +183,10 @@ def test_depthwise_paths_equal_the_general_path_on_any_geometry(geometry, seed):
     wo = (x_shape[3] + 2 * padding[1] - kw) // stride + 1
     path = "depthwise-cl" if c >= 4 * wo else "depthwise"
     routes = []
-    by_forward = conv_ops._dx_depthwise_by_forward
+    by_forward = conv_ops._dx_depthwise_by_correlation
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(
-            conv_ops, "_dx_depthwise_by_forward", lambda *a: routes.append(by_forward(*a)) or routes[-1]
+            conv_ops, "_dx_depthwise_by_correlation", lambda *a: routes.append(by_forward(*a)) or routes[-1]
         )
         _assert_paths_agree(x, w, rng.standard_normal(w_shape[0]), stride, padding, c, path)
     takes_6 = stride == 1 and w_shape[0] == c and padding[0] <= kh - 1 and padding[1] <= kw - 1

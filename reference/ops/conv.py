@@ -535,7 +535,7 @@ def _forward_depthwise(x, w, stride, padding, groups, out_hw, out=None):
     return out
 
 
-def _dx_depthwise_by_forward(dy, cache: Conv2dCache, out=None):
+def _dx_depthwise_by_correlation(dy, cache: Conv2dCache, out=None):
     """``dx`` by (6) for a stride-1 depthwise conv with m = 1, through the path's own forward; None
     where (6) does not apply (then (8) scatters). ``dx`` is (N, C, H, W), into ``out`` if given."""
     n, c, h, wd = cache.x_shape
@@ -566,7 +566,7 @@ def _backward_depthwise(dy, cache: Conv2dCache, out=None):
                 dw[:, :, p, q] = np.einsum("ncmij,ncij->cm", dy_cm, x_pq)  # (7)
         # (C, m, kh, kw) -> (O, 1, kh, kw)
         dw = dw.reshape(cache.w_shape)
-    dx = _dx_depthwise_by_forward(dy, cache, out) if need_x else None  # (6)
+    dx = _dx_depthwise_by_correlation(dy, cache, out) if need_x else None  # (6)
     if need_x and dx is None:
         # (O, 1, kh, kw) -> (C, m, kh, kw)
         w_cm = cache.w.reshape(c, n_out // c, kh, kw)
@@ -630,7 +630,7 @@ def _backward_depthwise_cl(dy, cache: Conv2dCache, out=None):
         del xl
         # (C, m, kh, kw) -> (O, 1, kh, kw)
         dw = dw.reshape(cache.w_shape)
-    dx = _dx_depthwise_by_forward(dy, cache, out) if need_x else None  # (6)
+    dx = _dx_depthwise_by_correlation(dy, cache, out) if need_x else None  # (6)
     if need_x and dx is None:
         # (O, 1, kh, kw) -> (C, m, kh, kw)
         w_cm = cache.w.reshape(c, n_out // c, kh, kw)
