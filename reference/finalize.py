@@ -64,6 +64,8 @@ __all__ = [
     "finalize_checkpoint",
     "has_sparsity_modules",
     "load_model_from_checkpoint",
+    "recalibrate_batch_norm",
+    "recalibration_batches",
 ]
 
 FINALIZED_KEY = "finalized"
@@ -330,13 +332,18 @@ def recalibrate_batch_norm(model: Module, batches) -> int:
     return count
 
 
-def _recalibration_batches(restored, batches: int, data_root: str | None):
-    """The first ``batches`` shuffled training batches of the checkpoint's data set (no augmentation)."""
-    config = restored.config
-    data = build_data(config, data_root=data_root)
-    rng = np.random.default_rng([config.seed, 1 << 21])  # its own stream: not the training order
+def recalibration_batches(data, config: TrainConfig, batches: int):
+    """The first ``batches`` shuffled training batches of ``data`` (no augmentation), at the run's
+    batch size, in an order drawn from the run's seed on a stream of its own (not the training order)."""
+    rng = np.random.default_rng([config.seed, 1 << 21])
     pairs = data.train_batches(config.batch_size, rng, augment=False)
     return (x for x, _ in itertools.islice(pairs, batches))
+
+
+def _recalibration_batches(restored, batches: int, data_root: str | None):
+    """:func:`recalibration_batches` of the checkpoint's data set."""
+    config = restored.config
+    return recalibration_batches(build_data(config, data_root=data_root), config, batches)
 
 
 def finalize_checkpoint(
@@ -397,7 +404,8 @@ def finalize_checkpoint(
         dst,
         model_state=restored.model.state_dict(),
         optimizer_state=None,
-        config=restored.config.replace(method="dense", target_sparsity=None),  # plain weights: no method left
+        # plain weights: no method left, and no budget file to read when it is loaded
+        config=restored.config.replace(method="dense", target_sparsity=None, budget=None, budget_column=None),
         epoch=ckpt.epoch,
         metrics=ckpt.metrics,
         extra={FINALIZED_KEY: record},

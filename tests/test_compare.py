@@ -5,15 +5,17 @@ import csv
 import io
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from reference.checkpoint import load_checkpoint
 from reference.cli import main
-from reference.compare import FIGURE_NAMES, METHODS, SweepSpec, run_sweep
+from reference.compare import FIGURE_NAMES, METHODS, RECALIBRATED, RECALIBRATION_BATCHES, SweepSpec, run_sweep
 from reference.config import TrainConfig
-from reference.train import train
+from reference.finalize import finalize_checkpoint, load_model_from_checkpoint
+from reference.train import build_data, evaluate, train
 
 EPOCHS = 2
 TARGETS = (0.5, 0.8)
@@ -148,7 +150,9 @@ def test_tables_hold_every_point_and_the_figures_are_drawn(sweep):
     assert {r["method"] for r in rows} == set(METHODS) | {"ltp-trail"}
     table = json.loads((root / "compare.json").read_text())
     assert len(table["runs"]) == len(doc["runs"]) and table["summary"]
+    assert all(0 < float(r[RECALIBRATED]) <= 1 for r in rows if r["method"] != "ltp-trail")
     md = (root / "compare.md").read_text()
+    assert "| test acc % | BN recalibrated % |" in md
     for label, _ in METHODS.values():
         assert f"| {label} |" in md
     assert "Per-layer sparsity (%) at target 0.8" in md  # the target nearest 0.9
@@ -168,6 +172,37 @@ def test_a_finished_sweep_is_not_redone_and_other_settings_are_refused(sweep, ca
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds a sweep with other settings" in err
     assert (root / "sweep.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("key", ["str", "ltp", "scp", "gmp-str-budget"])
+def test_the_recalibrated_accuracy_is_what_finalize_recalibrate_bn_gives(sweep, tmp_path, key):
+    rec = _runs(sweep["doc"], key)[-1]
+    assert rec["bn_recalibration_batches"] == RECALIBRATION_BATCHES
+    out = tmp_path / "final.npz"
+    src = Path(rec["run_dir"]) / "checkpoint.npz"
+    finalize_checkpoint(src, out, recalibrate_bn=RECALIBRATION_BATCHES)
+    restored = load_model_from_checkpoint(load_checkpoint(out))
+    data = build_data(restored.config)
+    assert rec[RECALIBRATED] == evaluate(restored.model, data.x_test, data.y_test)[1]
+
+
+def test_a_record_from_before_the_recalibrated_accuracy_gets_it_without_training(sweep):
+    root = sweep["root"]
+    (rec,) = [r for r in _runs(sweep["doc"], "gmp") if r["target"] == TARGETS[0]]
+    record, checkpoint = Path(rec["run_dir"]) / "compare.json", Path(rec["run_dir"]) / "checkpoint.npz"
+    old = json.loads(record.read_text())
+    expected = old.pop(RECALIBRATED)
+    del old["bn_recalibration_batches"]
+    record.write_text(json.dumps(old))  # as an older version of compare wrote it
+    stamps = {
+        p: p.stat().st_mtime_ns for p in [checkpoint, *root.glob("runs/**/compare.json")] if p != record
+    }
+    lines: list[str] = []
+    doc = run_sweep(root, _spec(), log=lines.append, plots=False)
+    assert sum("(done before; batch norms recalibrated now" in line for line in lines) == 1
+    assert json.loads(record.read_text())[RECALIBRATED] == expected
+    assert [r[RECALIBRATED] for r in doc["runs"]] == [r[RECALIBRATED] for r in sweep["doc"]["runs"]]
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # nothing retrained or remeasured
 
 
 @pytest.mark.parametrize(
