@@ -38,6 +38,7 @@ __all__ = [
     "build_model_for",
     "load_budget",
     "param_groups",
+    "stored_budget",
 ]
 
 
@@ -73,11 +74,13 @@ def build_model_for(config: TrainConfig, data):
     return build_model_and_method(config, data)[0]
 
 
-def build_model_and_method(config: TrainConfig, data):
+def build_model_and_method(config: TrainConfig, data, budget: dict[str, float] | None = None):
     """``(model, method)``: :func:`build_model_for` and the method it installed.
 
     A budget file in the config (magnitude pruning and GMP) is read here,
-    before the method is built: :func:`load_budget`.
+    before the method is built (:func:`load_budget`), unless ``budget`` is
+    that budget already read: the copy a trained checkpoint holds, so that a
+    checkpoint loads without the file it was trained from.
     """
     model = build_model(
         config.model,
@@ -87,7 +90,10 @@ def build_model_and_method(config: TrainConfig, data):
         rng=np.random.default_rng([config.seed, 1 << 20]),
         dtype=np.float32,
     )
-    budget = None if config.budget is None else load_budget(config.budget, config.budget_column)
+    if config.budget is None:
+        budget = None
+    elif budget is None:
+        budget = load_budget(config.budget, config.budget_column)
     method = build_method(config, budget=budget)
     method.attach(model)
     return model, method
@@ -105,6 +111,14 @@ def param_groups(model, config: TrainConfig, method=None) -> list[dict[str, Any]
 
 # ---------------------------------------------------------------------------
 # Budgets
+
+
+def stored_budget(ckpt) -> dict[str, float] | None:
+    """The budget a trained checkpoint holds as its run read it (magnitude pruning and GMP with a
+    budget; None for others, and for checkpoints written before runs kept it)."""
+    extra = ckpt.extra if isinstance(ckpt.extra, dict) else {}
+    budget = extra.get("budget")
+    return None if budget is None else {str(k): float(v) for k, v in budget.items()}
 
 
 def budget_from_checkpoint(path: str | Path, *, data_root: str | None = None) -> dict[str, float]:
@@ -125,7 +139,7 @@ def budget_from_checkpoint(path: str | Path, *, data_root: str | None = None) ->
     except ConfigError as exc:
         raise CheckpointError(f"checkpoint {where!r} holds an unusable config: {exc}") from None
     data = build_data(config, data_root=data_root)
-    model, _ = build_model_and_method(config, data)
+    model, _ = build_model_and_method(config, data, budget=stored_budget(ckpt))
     try:
         model.load_state_dict(ckpt.model_state, strict=True)
     except CheckpointError as exc:

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from reference.autodiff import Tensor, as_array, no_grad
-from reference.build import build_data, build_model_and_method
+from reference.build import build_data, build_model_and_method, stored_budget
 from reference.checkpoint import Checkpoint, check_finite, first_non_finite, load_checkpoint, save_checkpoint
 from reference.config import TrainConfig
 from reference.errors import CheckpointError, ConfigError
@@ -268,7 +268,7 @@ def load_model_from_checkpoint(ckpt: str | Path | Checkpoint, *, data: Any = Non
             image_shape, classes = data_shape(config)
         data = _Shapes(np.empty((0, *image_shape), dtype=np.float32), classes)
     image_shape = tuple(int(d) for d in data.x_train.shape[1:])
-    model, _ = build_model_and_method(config, data)
+    model, _ = build_model_and_method(config, data, budget=stored_budget(ckpt))
     try:
         if record is not None and record.get("slimmed"):
             from reference.sparsity.slimming import slim_to_state

@@ -717,6 +717,10 @@ def _finish_epoch(
             "world_size": 1 if run.dp is None else run.dp.comm.size,
         },
     }
+    if (
+        getattr(method, "budget", None) is not None
+    ):  # the budget as read: the checkpoint loads without its file
+        state["extra"]["budget"] = dict(method.budget)
     if run.writes:
         _write_epoch(run, epoch, state, method_stats, improved)
     run.committed = epoch + 1

@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 
 from reference.accounting import profile, totals
+from reference.autodiff import Tensor, no_grad
 from reference.build import budget_from_checkpoint, load_budget
+from reference.checkpoint import load_checkpoint
 from reference.config import TrainConfig
 from reference.errors import ConfigError, DataError
+from reference.finalize import finalize_checkpoint, load_model_from_checkpoint
 from reference.models import build_model
 from reference.nn import Conv2d, GlobalAvgPool2d, Linear, Sequential, weight_layers
 from reference.sparsity import build_method
@@ -180,6 +183,20 @@ def test_budget_transfer_reproduces_the_source_budget_per_layer(tmp_path):
     assert build_method(second, budget=measured).budget == measured
     with pytest.raises(ConfigError, match="method 'str' takes no budget"):
         build_method(TrainConfig(method="str"), budget=measured)
+
+    # the checkpoint holds the budget as read: it loads, finalizes and evaluates without the file
+    trained = tmp_path / "b" / "checkpoint.npz"
+    assert load_checkpoint(trained).extra["budget"] == measured
+    (tmp_path / "a" / "checkpoint.npz").rename(tmp_path / "moved.npz")
+    restored = load_model_from_checkpoint(trained)
+    assert budget_from_checkpoint(trained) == measured
+    finalize_checkpoint(trained, tmp_path / "final.npz")
+    final = load_model_from_checkpoint(tmp_path / "final.npz")  # no budget left in a finalized config
+    x = np.random.default_rng(0).standard_normal((4, *restored.input_shape)).astype(np.float32)
+    with no_grad():
+        np.testing.assert_allclose(
+            final.model(Tensor(x)).data, restored.model(Tensor(x)).data, rtol=1e-5, atol=1e-6
+        )
 
 
 # ------------------------------------------------------------------ cost
