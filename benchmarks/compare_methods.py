@@ -15,7 +15,10 @@ Experiments (``NAME``: model and data):
 - ``mobilenet_v1``: MobileNetV1 at width 0.5 on ``digits32`` (it halves its input five times:
   32 -> 1), 12 epochs, targets 0.7, 0.9 and 0.97, one seed, SCP at three lambdas.
 
-On the 2-core Intel machine of the README the sweeps took 7.4, 17.4 and 17.3 minutes.
+On the README's 2-core AMD EPYC machine the sweeps took 7.8, 15.2 and 11.1 minutes (on a 2-core
+Intel Xeon, before the kernels split the batch: 7.4, 17.4 and 17.3). Each run's record also holds
+its test accuracy with the batch norms recalibrated (:mod:`reference.compare`); running this again
+on sweeps recorded before that figure existed adds it from the checkpoints, without training.
 
 Usage (from the repository root)::
 
